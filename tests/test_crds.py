@@ -17,11 +17,12 @@ EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
 
 
 def test_committed_crds_are_generated_from_the_models() -> None:
-    for kind in crdgen.KINDS:
-        committed = (ROOT / "crds" / crdgen.filename(kind)).read_text()
-        assert committed == crdgen.render(kind), (
-            f"crds/{crdgen.filename(kind)} is stale: run `make crds`"
-        )
+    for target in crdgen.TARGETS:
+        for kind in crdgen.KINDS:
+            path = target / crdgen.filename(kind)
+            assert (ROOT / path).read_text() == crdgen.render(kind), (
+                f"{path} is stale: run `make crds`"
+            )
 
 
 def _walk(schema: dict[str, Any], path: str = "") -> list[str]:
@@ -114,8 +115,14 @@ def test_invalid_manifest_is_rejected_naming_the_field(
 ) -> None:
     manifest, expected = INVALID_MANIFESTS[case]
     result = cluster.kubectl(
-        "apply", "--server-side", "-n", namespace, "-f", "-",
-        input=yaml.safe_dump(manifest), check=False,
+        "apply",
+        "--server-side",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=yaml.safe_dump(manifest),
+        check=False,
     )
     assert result.returncode != 0, result.stdout
     for fragment in expected:
@@ -134,12 +141,25 @@ def test_invalid_status_is_rejected_naming_the_field(
     cluster: Cluster, namespace: str, case: str
 ) -> None:
     cluster.kubectl(
-        "apply", "--server-side", "-n", namespace, "-f", str(ROOT / "examples/operation-external.yaml")
+        "apply",
+        "--server-side",
+        "-n",
+        namespace,
+        "-f",
+        str(ROOT / "examples/operation-external.yaml"),
     )
     patch, expected = STATUS_PATCHES[case]
     result = cluster.kubectl(
-        "patch", "-n", namespace, "operation", "transfer-example-com", "--subresource=status",
-        "--type=merge", "-p", json.dumps({"status": patch}), check=False,
+        "patch",
+        "-n",
+        namespace,
+        "operation",
+        "transfer-example-com",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": patch}),
+        check=False,
     )
     assert result.returncode != 0, result.stdout
     for fragment in expected:
@@ -148,14 +168,25 @@ def test_invalid_status_is_rejected_naming_the_field(
 
 def test_printer_columns(cluster: Cluster, namespace: str) -> None:
     for name in ("operation-noop.yaml", "scheduledtask-delete.yaml"):
-        cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", str(ROOT / "examples" / name))
+        cluster.kubectl(
+            "apply", "--server-side", "-n", namespace, "-f", str(ROOT / "examples" / name)
+        )
     ops = cluster.kubectl("get", "ops", "-n", namespace).stdout.splitlines()
     assert ops[0].split() == ["NAME", "ID", "TYPE", "STATE", "PROGRESS", "AGE"]
     assert ops[1].split()[0] == "register-example-org"
     assert "domain_create" in ops[1].split()
     tasks = cluster.kubectl("get", "stask", "-n", namespace).stdout.splitlines()
-    assert tasks[0].split() == ["NAME", "ID", "EXECAT", "SCHEDULE", "STATE", "NEXT", "RUN", "LAST",
-                                "OPERATION"]
+    assert tasks[0].split() == [
+        "NAME",
+        "ID",
+        "EXECAT",
+        "SCHEDULE",
+        "STATE",
+        "NEXT",
+        "RUN",
+        "LAST",
+        "OPERATION",
+    ]
     assert tasks[1].startswith("delete-old-example-de")
     everything = cluster.kubectl("get", "opkeeper", "-n", namespace, "-o", "name").stdout
     assert "operation.opkeeper.dev/register-example-org" in everything
@@ -163,7 +194,8 @@ def test_printer_columns(cluster: Cluster, namespace: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in EXAMPLES if "scheduledtask" in p.name or "operation-noop" in p.name],
+    "path",
+    [p for p in EXAMPLES if "scheduledtask" in p.name or "operation-noop" in p.name],
     ids=lambda p: p.name,
 )
 def test_server_side_apply_twice_changes_nothing(

@@ -135,7 +135,11 @@ def _convert(node: Mapping[str, Any], defs: Mapping[str, Any]) -> dict[str, Any]
         out.pop("additionalProperties", None)
     elif "type" not in out and "enum" in out:
         out["type"] = "string"
-    elif node.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+    elif (
+        node.get("type") == "object"
+        and "properties" not in out
+        and "additionalProperties" not in out
+    ):
         if node.get("additionalProperties") is True:
             out["x-kubernetes-preserve-unknown-fields"] = True
         else:
@@ -152,7 +156,10 @@ def crd(kind: Kind) -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": kind.name,
-            "labels": {"app.kubernetes.io/name": "opkeeper", "app.kubernetes.io/part-of": "opkeeper"},
+            "labels": {
+                "app.kubernetes.io/name": "opkeeper",
+                "app.kubernetes.io/part-of": "opkeeper",
+            },
         },
         "spec": {
             "group": GROUP,
@@ -203,12 +210,33 @@ def filename(kind: Kind) -> str:
     return f"{kind.name}.yaml"
 
 
-def write(directory: pathlib.Path) -> list[pathlib.Path]:
-    """Write every CRD into ``directory``; return the paths written."""
-    directory.mkdir(parents=True, exist_ok=True)
+TARGETS = (pathlib.Path("crds"), pathlib.Path("charts/opkeeper/crds"))
+"""Where the CRDs are written, relative to the repository root: the plain manifests
+and the Helm chart's crds/ folder (Helm installs that folder before any template)."""
+
+
+def write(root: pathlib.Path) -> list[pathlib.Path]:
+    """Write every CRD into each of :data:`TARGETS` below ``root``; return the paths."""
     paths = []
-    for kind in KINDS:
-        path = directory / filename(kind)
-        path.write_text(render(kind))
-        paths.append(path)
+    for target in TARGETS:
+        directory = root / target
+        directory.mkdir(parents=True, exist_ok=True)
+        for kind in KINDS:
+            path = directory / filename(kind)
+            path.write_text(render(kind))
+            paths.append(path)
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m opkeeper.crdgen [ROOT]`: write the CRDs below ROOT (default: .)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    for path in write(pathlib.Path(args[0] if args else ".")):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -67,8 +67,14 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(xdg) / "opkeeper"
 
 
-def _go_build(*, module_dir: pathlib.Path, package: str, output: pathlib.Path,
-              tags: str = "", ldflags: str = "-s -w") -> None:
+def _go_build(
+    *,
+    module_dir: pathlib.Path,
+    package: str,
+    output: pathlib.Path,
+    tags: str = "",
+    ldflags: str = "-s -w",
+) -> None:
     go = shutil.which("go")
     if go is None:
         raise LocalClusterError(
@@ -82,8 +88,11 @@ def _go_build(*, module_dir: pathlib.Path, package: str, output: pathlib.Path,
     if tags:
         cmd += ["-tags", tags]
     cmd.append(package)
-    print(f"opkeeper: building {output.name} from Go modules (once; a few minutes)...",
-          file=sys.stderr, flush=True)
+    print(
+        f"opkeeper: building {output.name} from Go modules (once; a few minutes)...",
+        file=sys.stderr,
+        flush=True,
+    )
     env = {**os.environ, "CGO_ENABLED": "0"}
     proc = subprocess.run(cmd, cwd=module_dir, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -96,19 +105,27 @@ def _go_build(*, module_dir: pathlib.Path, package: str, output: pathlib.Path,
 def _build_kube_apiserver(output: pathlib.Path) -> None:
     major, minor = KUBE_VERSION.lstrip("v").split(".")[:2]
     prefix = "k8s.io/component-base/version"
-    ldflags = " ".join([
-        "-s -w",
-        f"-X {prefix}.gitVersion={KUBE_VERSION}",
-        f"-X {prefix}.gitMajor={major}",
-        f"-X {prefix}.gitMinor={minor}",
-    ])
-    _go_build(module_dir=REPO_ROOT / "tools" / "kube", package="k8s.io/kubernetes/cmd/kube-apiserver",
-              output=output, tags="selinux,notest", ldflags=ldflags)
+    ldflags = " ".join(
+        [
+            "-s -w",
+            f"-X {prefix}.gitVersion={KUBE_VERSION}",
+            f"-X {prefix}.gitMajor={major}",
+            f"-X {prefix}.gitMinor={minor}",
+        ]
+    )
+    _go_build(
+        module_dir=REPO_ROOT / "tools" / "kube",
+        package="k8s.io/kubernetes/cmd/kube-apiserver",
+        output=output,
+        tags="selinux,notest",
+        ldflags=ldflags,
+    )
 
 
 def _build_etcd(output: pathlib.Path) -> None:
-    _go_build(module_dir=REPO_ROOT / "tools" / "etcd", package="go.etcd.io/etcd/server/v3",
-              output=output)
+    _go_build(
+        module_dir=REPO_ROOT / "tools" / "etcd", package="go.etcd.io/etcd/server/v3", output=output
+    )
 
 
 def find_binaries(*, build: bool = True) -> Binaries:
@@ -118,8 +135,10 @@ def find_binaries(*, build: bool = True) -> Binaries:
         return Binaries(kube_apiserver=pathlib.Path(env_api), etcd=pathlib.Path(env_etcd))
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     if assets:
-        return Binaries(kube_apiserver=pathlib.Path(assets) / "kube-apiserver",
-                        etcd=pathlib.Path(assets) / "etcd")
+        return Binaries(
+            kube_apiserver=pathlib.Path(assets) / "kube-apiserver",
+            etcd=pathlib.Path(assets) / "etcd",
+        )
     root = cache_dir() / "bin"
     api = root / f"kube-apiserver-{KUBE_VERSION}" / "kube-apiserver"
     etcd = root / f"etcd-{ETCD_VERSION}" / "etcd"
@@ -147,12 +166,12 @@ class _Pair:
 def _make_certs(directory: pathlib.Path) -> dict[str, _Pair]:
     """A CA, the serving cert, an admin client cert, a front-proxy CA and client,
     and the service-account key; all throw-away, valid for 30 days."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    import ipaddress
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
@@ -166,21 +185,32 @@ def _make_certs(directory: pathlib.Path) -> dict[str, _Pair]:
     def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> _Pair:
         pair = _Pair(cert=directory / f"{stem}.crt", key=directory / f"{stem}.key")
         pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        pair.key.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        pair.key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         pair.key.chmod(0o600)
         return pair
 
-    def issue(*, subject: x509.Name, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-              ca: bool = False, server: bool = False, client: bool = False,
-              ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def issue(
+        *,
+        subject: x509.Name,
+        issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+        ca: bool = False,
+        server: bool = False,
+        client: bool = False,
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
         issuer_name = issuer[0].subject if issuer else subject
         signing_key = issuer[1] if issuer else key
         builder = (
             x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
+            .subject_name(subject)
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=30))
@@ -188,20 +218,35 @@ def _make_certs(directory: pathlib.Path) -> dict[str, _Pair]:
         )
         usages = []
         if server:
-            usages.append(x509.ExtendedKeyUsageOID.SERVER_AUTH)
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            ]), critical=False)
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
         if client:
-            usages.append(x509.ExtendedKeyUsageOID.CLIENT_AUTH)
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         if usages:
             builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         if ca:
-            builder = builder.add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            builder = builder.add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
         return builder.sign(signing_key, hashes.SHA256()), key
 
     ca = issue(subject=name("opkeeper-local-ca"), issuer=None, ca=True)
@@ -209,21 +254,30 @@ def _make_certs(directory: pathlib.Path) -> dict[str, _Pair]:
     pairs = {
         "ca": write("ca", *ca),
         "serving": write("serving", *issue(subject=name("kube-apiserver"), issuer=ca, server=True)),
-        "admin": write("admin", *issue(subject=name("admin", "system:masters"), issuer=ca,
-                                       client=True)),
+        "admin": write(
+            "admin", *issue(subject=name("admin", "system:masters"), issuer=ca, client=True)
+        ),
         "proxy-ca": write("proxy-ca", *proxy_ca),
-        "proxy-client": write("proxy-client", *issue(subject=name("front-proxy-client"),
-                                                     issuer=proxy_ca, client=True)),
+        "proxy-client": write(
+            "proxy-client", *issue(subject=name("front-proxy-client"), issuer=proxy_ca, client=True)
+        ),
     }
     sa_key = ec.generate_private_key(ec.SECP256R1())
     sa = directory / "sa.key"
-    sa.write_bytes(sa_key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
+    sa.write_bytes(
+        sa_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     sa.chmod(0o600)
     sa_pub = directory / "sa.pub"
-    sa_pub.write_bytes(sa_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    sa_pub.write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     pairs["sa"] = _Pair(cert=sa_pub, key=sa)
     return pairs
 
@@ -287,65 +341,80 @@ class LocalCluster:
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         self.server = f"https://127.0.0.1:{api_port}"
         try:
-            self._spawn("etcd", [
-                str(binaries.etcd),
-                "--name=opkeeper",
-                f"--data-dir={self.state_dir / 'etcd'}",
-                f"--listen-client-urls={etcd_url}",
-                f"--advertise-client-urls={etcd_url}",
-                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-                f"--initial-cluster=opkeeper=http://127.0.0.1:{peer_port}",
-                "--listen-metrics-urls=",
-                # Throw-away data: durability buys nothing and costs most of the write time.
-                "--unsafe-no-fsync",
-                "--log-level=warn",
-            ])
-            self._spawn("kube-apiserver", [
-                str(binaries.kube_apiserver),
-                f"--etcd-servers={etcd_url}",
-                f"--secure-port={api_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--tls-cert-file={certs['serving'].cert}",
-                f"--tls-private-key-file={certs['serving'].key}",
-                f"--client-ca-file={certs['ca'].cert}",
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--allow-privileged=true",
-                # No controller-manager creates ServiceAccounts or their tokens here.
-                "--disable-admission-plugins=ServiceAccount",
-                # Endpoints may not hold loopback addresses.
-                "--endpoint-reconciler-type=none",
-                f"--service-account-issuer={self.server}",
-                f"--service-account-key-file={certs['sa'].cert}",
-                f"--service-account-signing-key-file={certs['sa'].key}",
-                f"--requestheader-client-ca-file={certs['proxy-ca'].cert}",
-                "--requestheader-allowed-names=front-proxy-client",
-                "--requestheader-username-headers=X-Remote-User",
-                "--requestheader-group-headers=X-Remote-Group",
-                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-                f"--proxy-client-cert-file={certs['proxy-client'].cert}",
-                f"--proxy-client-key-file={certs['proxy-client'].key}",
-                f"--cert-dir={self.state_dir / 'pki'}",
-                "--profiling=false",
-                "--v=1",
-            ])
+            self._spawn(
+                "etcd",
+                [
+                    str(binaries.etcd),
+                    "--name=opkeeper",
+                    f"--data-dir={self.state_dir / 'etcd'}",
+                    f"--listen-client-urls={etcd_url}",
+                    f"--advertise-client-urls={etcd_url}",
+                    f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                    f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                    f"--initial-cluster=opkeeper=http://127.0.0.1:{peer_port}",
+                    "--listen-metrics-urls=",
+                    # Throw-away data: durability buys nothing and costs most of the write time.
+                    "--unsafe-no-fsync",
+                    "--log-level=warn",
+                ],
+            )
+            self._spawn(
+                "kube-apiserver",
+                [
+                    str(binaries.kube_apiserver),
+                    f"--etcd-servers={etcd_url}",
+                    f"--secure-port={api_port}",
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    f"--tls-cert-file={certs['serving'].cert}",
+                    f"--tls-private-key-file={certs['serving'].key}",
+                    f"--client-ca-file={certs['ca'].cert}",
+                    "--authorization-mode=RBAC",
+                    "--service-cluster-ip-range=10.0.0.0/24",
+                    "--allow-privileged=true",
+                    # No controller-manager creates ServiceAccounts or their tokens here.
+                    "--disable-admission-plugins=ServiceAccount",
+                    # Endpoints may not hold loopback addresses.
+                    "--endpoint-reconciler-type=none",
+                    f"--service-account-issuer={self.server}",
+                    f"--service-account-key-file={certs['sa'].cert}",
+                    f"--service-account-signing-key-file={certs['sa'].key}",
+                    f"--requestheader-client-ca-file={certs['proxy-ca'].cert}",
+                    "--requestheader-allowed-names=front-proxy-client",
+                    "--requestheader-username-headers=X-Remote-User",
+                    "--requestheader-group-headers=X-Remote-Group",
+                    "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                    f"--proxy-client-cert-file={certs['proxy-client'].cert}",
+                    f"--proxy-client-key-file={certs['proxy-client'].key}",
+                    f"--cert-dir={self.state_dir / 'pki'}",
+                    "--profiling=false",
+                    "--v=1",
+                ],
+            )
             self._write_kubeconfig(certs)
             self._wait_ready(certs)
         except BaseException:
             self.stop()
             raise
-        (self.state_dir / "state.json").write_text(json.dumps({
-            "server": self.server,
-            "kubeconfig": str(self.kubeconfig),
-            "pids": [p.pid for p in self._procs],
-        }))
+        (self.state_dir / "state.json").write_text(
+            json.dumps(
+                {
+                    "server": self.server,
+                    "kubeconfig": str(self.kubeconfig),
+                    "pids": [p.pid for p in self._procs],
+                }
+            )
+        )
 
     def _spawn(self, name: str, argv: Sequence[str]) -> None:
         log = open(self.state_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=self.detach)
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=self.detach,
+        )
         log.close()
         self._procs.append(proc)
 
@@ -356,15 +425,34 @@ class LocalCluster:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "opkeeper-local", "cluster": {
-                "server": self.server,
-                "certificate-authority-data": b64(certs["ca"].cert)}}],
-            "users": [{"name": "admin", "user": {
-                "client-certificate-data": b64(certs["admin"].cert),
-                "client-key-data": b64(certs["admin"].key)}}],
-            "contexts": [{"name": "opkeeper-local",
-                          "context": {"cluster": "opkeeper-local", "user": "admin",
-                                      "namespace": "default"}}],
+            "clusters": [
+                {
+                    "name": "opkeeper-local",
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority-data": b64(certs["ca"].cert),
+                    },
+                }
+            ],
+            "users": [
+                {
+                    "name": "admin",
+                    "user": {
+                        "client-certificate-data": b64(certs["admin"].cert),
+                        "client-key-data": b64(certs["admin"].key),
+                    },
+                }
+            ],
+            "contexts": [
+                {
+                    "name": "opkeeper-local",
+                    "context": {
+                        "cluster": "opkeeper-local",
+                        "user": "admin",
+                        "namespace": "default",
+                    },
+                }
+            ],
             "current-context": "opkeeper-local",
         }
         self.kubeconfig.write_text(yaml.safe_dump(config))
@@ -381,10 +469,12 @@ class LocalCluster:
                     raise LocalClusterError(
                         f"{name} exited with code {proc.returncode} during startup; last lines of"
                         f" {self.state_dir / (name + '.log')}:\n"
-                        f"{_tail_file(self.state_dir / (name + '.log'))}")
+                        f"{_tail_file(self.state_dir / (name + '.log'))}"
+                    )
             try:
-                with urllib.request.urlopen(f"{self.server}/readyz", context=context,
-                                            timeout=5) as reply:
+                with urllib.request.urlopen(
+                    f"{self.server}/readyz", context=context, timeout=5
+                ) as reply:
                     if reply.status == 200:
                         return
             except (urllib.error.URLError, OSError) as exc:
@@ -393,7 +483,8 @@ class LocalCluster:
         raise LocalClusterError(
             f"kube-apiserver was not ready within {self.startup_timeout:.0f}s (last: {last});"
             f" etcd log:\n{_tail_file(self.state_dir / 'etcd.log')}\n"
-            f"kube-apiserver log:\n{_tail_file(self.state_dir / 'kube-apiserver.log')}")
+            f"kube-apiserver log:\n{_tail_file(self.state_dir / 'kube-apiserver.log')}"
+        )
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
@@ -422,17 +513,42 @@ def kubectl_path() -> str:
     return found
 
 
-def install_crds(*, kubeconfig: pathlib.Path | str, crds_dir: pathlib.Path | None = None,
-                 timeout: float = 60.0) -> None:
+def install_crds(
+    *, kubeconfig: pathlib.Path | str, crds_dir: pathlib.Path | None = None, timeout: float = 60.0
+) -> None:
     """Server-side apply the CRDs and wait until the API server has Established them."""
     directory = crds_dir or REPO_ROOT / "crds"
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     kubectl = kubectl_path()
-    subprocess.run([kubectl, "apply", "--server-side", "--force-conflicts",
-                    "--field-manager=opkeeper", "-f", str(directory)],
-                   env=env, check=True, capture_output=True, text=True)
-    subprocess.run([kubectl, "wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
-                    "-f", str(directory)], env=env, check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            kubectl,
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=opkeeper",
+            "-f",
+            str(directory),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    subprocess.run(
+        [
+            kubectl,
+            "wait",
+            "--for=condition=Established",
+            f"--timeout={int(timeout)}s",
+            "-f",
+            str(directory),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
 
 
 def running(state_dir: pathlib.Path) -> dict[str, object] | None:
@@ -480,3 +596,53 @@ def started(state_dir: pathlib.Path) -> Iterator[LocalCluster]:
     with LocalCluster(state_dir=state_dir) as cluster:
         install_crds(kubeconfig=cluster.kubeconfig)
         yield cluster
+
+
+DEFAULT_STATE_DIR = pathlib.Path(".localcluster")
+"""Where `make dev` keeps its control plane (relative to the repository root)."""
+
+
+def up(state_dir: pathlib.Path = DEFAULT_STATE_DIR) -> pathlib.Path:
+    """Start a detached cluster in ``state_dir`` (or reuse a running one); return its kubeconfig."""
+    state = running(state_dir)
+    if state is None:
+        cluster = LocalCluster(state_dir=state_dir, detach=True)
+        cluster.start()
+        kubeconfig = cluster.kubeconfig
+    else:
+        kubeconfig = pathlib.Path(str(state["kubeconfig"]))
+    install_crds(kubeconfig=kubeconfig)
+    return kubeconfig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m opkeeper.localcluster {build,up,down,status}`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="opkeeper localcluster", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("action", choices=["build", "up", "down", "status"])
+    parser.add_argument("--state-dir", type=pathlib.Path, default=DEFAULT_STATE_DIR)
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "build":
+            found = find_binaries()
+            print(f"kube-apiserver: {found.kube_apiserver}\netcd: {found.etcd}")
+        elif args.action == "up":
+            print(up(args.state_dir).resolve())
+        elif args.action == "down":
+            print("stopped" if down(args.state_dir) else "not running")
+        else:
+            state = running(args.state_dir)
+            print(json.dumps(state, indent=2) if state else "not running")
+            return 0 if state else 1
+    except (LocalClusterError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or ""
+        print(f"opkeeper localcluster: {exc}\n{detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
