@@ -69,8 +69,12 @@ class _Process:
             return
         with open(self.log, "ab") as log:
             proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
             )
         self.pid_file.write_text(str(proc.pid))
         print(f"{self.name}: started (pid {proc.pid}), log {self.log}")
@@ -91,7 +95,10 @@ GATEWAY = _Process("gateway")
 def _kubectl(kubeconfig: pathlib.Path, *args: str, input: str | None = None) -> str:
     result = subprocess.run(
         [localcluster.kubectl_path(), "--kubeconfig", str(kubeconfig), *args],
-        input=input, capture_output=True, text=True, check=True,
+        input=input,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return result.stdout
 
@@ -101,19 +108,23 @@ def _demo_manifests(settings: DevSettings) -> str:
     fire_at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
         seconds=settings.schedule_in_seconds
     )
-    docs.append({
-        "apiVersion": "opkeeper.dev/v1alpha1",
-        "kind": "ScheduledTask",
-        "metadata": {"name": "demo-scheduled-delete"},
-        "spec": {
-            "execAt": fire_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "template": {"spec": {
-                "type": "domain_delete",
-                "object": {"kind": "domain", "name": "expired-example.org"},
-                "executor": {"builtin": {"action": "noop"}},
-            }},
-        },
-    })
+    docs.append(
+        {
+            "apiVersion": "opkeeper.dev/v1alpha1",
+            "kind": "ScheduledTask",
+            "metadata": {"name": "demo-scheduled-delete"},
+            "spec": {
+                "execAt": fire_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "template": {
+                    "spec": {
+                        "type": "domain_delete",
+                        "object": {"kind": "domain", "name": "expired-example.org"},
+                        "executor": {"builtin": {"action": "noop"}},
+                    }
+                },
+            },
+        }
+    )
     return yaml.safe_dump_all(docs)
 
 
@@ -131,8 +142,10 @@ def _watch_progress(kubeconfig: pathlib.Path, settings: DevSettings) -> None:
         scheduled_fired = any(
             o["metadata"].get("labels", {}).get("opkeeper.dev/scheduledtask") for o in ops["items"]
         )
-        if scheduled_fired and all(s in ("Succeeded", "FailedInternal", "FailedExternal",
-                                         "Cancelled", "WaitingExternal") for s in states):
+        if scheduled_fired and all(
+            s in ("Succeeded", "FailedInternal", "FailedExternal", "Cancelled", "WaitingExternal")
+            for s in states
+        ):
             return
         time.sleep(2)  # a human-paced refresh of the table, not test synchronisation
 
@@ -156,8 +169,16 @@ def up(settings: DevSettings) -> int:
     )
     with contextlib.suppress(subprocess.CalledProcessError):
         _kubectl(kubeconfig, "create", "namespace", DEMO_NAMESPACE)
-    _kubectl(kubeconfig, "apply", "--server-side", "-n", DEMO_NAMESPACE, "-f", "-",
-             input=_demo_manifests(settings))
+    _kubectl(
+        kubeconfig,
+        "apply",
+        "--server-side",
+        "-n",
+        DEMO_NAMESPACE,
+        "-f",
+        "-",
+        input=_demo_manifests(settings),
+    )
     _watch_progress(kubeconfig, settings)
     print(
         f"\nThe control plane, controller and gateway keep running (`make dev-down` stops them).\n"
