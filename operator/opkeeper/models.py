@@ -195,6 +195,25 @@ class AttemptRecord(_Model):
     """The params this attempt ran with."""
 
 
+class ExecutorStatus(_Model):
+    """What the current attempt started, so that a restarted controller finds it
+    again instead of starting it a second time."""
+
+    kind: Literal["builtin", "job", "webhook", "external"]
+    job_name: str | None = Field(default=None, max_length=63)
+    """The Job of this attempt (its name is derived from the operation and attempt)."""
+    job_uid: str | None = Field(default=None, max_length=64)
+    """The uid of that Job, to notice a Job deleted and re-created by someone else."""
+    idempotency_key: str | None = Field(default=None, max_length=128)
+    """The Idempotency-Key the webhook was called with (one per attempt)."""
+    external_id: str | None = Field(default=None, max_length=256)
+    """The id the external system gave the work, if it returned one."""
+    accepted_at: datetime.datetime | None = None
+    """When the external system accepted the work."""
+    params: FreeForm | None = None
+    """The params this attempt was started with (copied to history on relaunch)."""
+
+
 HISTORY_LIMIT = 10
 """How many earlier attempts `status.history` keeps (bounded: etcd objects are capped)."""
 
@@ -218,6 +237,14 @@ class OperationStatus(_Model):
         default=None, max_length=16
     )
     attempt: int | None = Field(default=None, ge=0)
+    """The current attempt, counted from 0; retries and relaunches add one."""
+    retries_used: int | None = Field(default=None, ge=0)
+    """Automatic retries made since the last relaunch (bounded by spec.retries.limit)."""
+    executor: ExecutorStatus | None = None
+    queued_at: datetime.datetime | None = None
+    """When the current attempt was queued; deadlineSeconds counts from here."""
+    next_attempt_at: datetime.datetime | None = None
+    """A retried attempt does not start before this time (backoff)."""
     observed_relaunch: int | None = Field(default=None, ge=0)
     """The spec.relaunch value the current attempt answers."""
     created_at: datetime.datetime | None = None
@@ -299,11 +326,17 @@ class ScheduledTaskStatus(_Model):
     """Same counter as Operation ids."""
     state: states.TaskState | None = None
     next_run_at: datetime.datetime | None = None
+    """The next run; while suspended or held (Forbid), the first run not yet started or missed."""
     last_schedule_time: datetime.datetime | None = None
+    """The scheduled time of the latest run that created an Operation."""
     active: list[Name] | None = Field(default=None, max_length=100)
     """Names of this task's Operations that have not finished."""
     last_operation: str | None = Field(default=None, max_length=253)
+    """The Operation of the latest run."""
     missed_runs: int | None = Field(default=None, ge=0)
+    """Runs that never started (controller down, suspended, held past the starting deadline)."""
+    last_missed_time: datetime.datetime | None = None
+    """The scheduled time of the latest missed run."""
     observed_generation: int | None = Field(default=None, ge=0)
     conditions: list[Condition] | None = Field(default=None, max_length=8)
 

@@ -1,0 +1,448 @@
+"""Gateway benchmark: operation_details throughput and p99, operation_list p99, peak RSS.
+
+The gateway runs in its own process (as in production) with N Operations in
+its cache; a load generator in this process drives it over loopback HTTP with
+concurrent keep-alive clients sending real XML-RPC bodies (encoded by
+xmlrpc.client) and checking every answer is not a fault.
+
+Two ways to fill the cache:
+
+* ``--fill direct`` (default, and the only practical one for 100,000): the
+  gateway process builds the objects itself and loads them with the same
+  ``reset`` a watch SYNC uses. No API server is involved in reads anyway,
+  which is the point of the cache.
+* ``--fill apiserver``: a real local kube-apiserver is started, N Operations
+  are created through it, and the gateway fills its cache from its real
+  list+watch. Slower to prepare; proves the same numbers hold with the real feed.
+
+Every call is also written to the call log (SQLite, group-committed), as in
+production.
+
+Usage: python bench/bench_gateway.py [--sizes 10000,100000] [--fill direct]
+       [--duration 10] [--concurrency 32] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import pathlib
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import xmlrpc.client
+from typing import Any
+
+import aiohttp
+
+from opkeeper import kube
+from opkeeper.gateway import auth, server
+
+NAMESPACE = "bench"
+KEY = "opk_bench-key-not-secret"
+TYPES = ["domain_create", "domain_renew", "domain_transfer", "vm_deploy", "dns_update"]
+STATES = [
+    "Pending",
+    "Running",
+    "WaitingExternal",
+    "Succeeded",
+    "FailedInternal",
+    "FailedExternal",
+    "Cancelled",
+]
+T0 = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+SPAN_SECONDS = 30 * 86400
+"""Synthetic date_updated values spread over 30 days."""
+
+
+def synthetic(i: int) -> dict[str, Any]:
+    """Operation number ``i`` as the API server would return it (deterministic)."""
+    rnd = random.Random(i)
+    created = T0 + datetime.timedelta(seconds=i * SPAN_SECONDS // 200_000)
+    updated = created + datetime.timedelta(seconds=rnd.randrange(3600))
+    return {
+        "apiVersion": "opkeeper.dev/v1alpha1",
+        "kind": "Operation",
+        "metadata": {
+            "name": f"op-{i}",
+            "namespace": NAMESPACE,
+            "uid": f"00000000-0000-0000-0000-{i:012d}",
+            "resourceVersion": str(1000 + i),
+            "creationTimestamp": created.isoformat().replace("+00:00", "Z"),
+            "labels": {"opkeeper.dev/id": str(i)},
+        },
+        "spec": {
+            "type": TYPES[i % len(TYPES)],
+            "object": {"kind": "domain", "name": f"example-{i}.org"},
+            "params": {"domain": f"example-{i}.org", "years": 1 + i % 3, "owner": "ACME-1"},
+            "executor": {"external": {}},
+        },
+        "status": {
+            "id": i,
+            "state": STATES[rnd.randrange(len(STATES))],
+            "progress": rnd.randrange(101),
+            "attempt": 0,
+            "createdAt": created.isoformat().replace("+00:00", "Z"),
+            "updatedAt": updated.isoformat().replace("+00:00", "Z"),
+        },
+    }
+
+
+def key_secret() -> dict[str, Any]:
+    manifest = auth.key_secret(
+        name="bench-key", namespace="opkeeper-system", key=KEY, user_id="bench", tenant=NAMESPACE
+    )
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in manifest["stringData"].items()}
+    return {"metadata": manifest["metadata"], "data": data}
+
+
+def peak_rss_bytes() -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# --- the gateway process ---------------------------------------------------------------
+
+
+def gateway_process(
+    conn: multiprocessing.connection.Connection, size: int, kubeconfig: str | None, workdir: str
+) -> None:
+    asyncio.run(_gateway_main(conn, size, kubeconfig, workdir))
+
+
+async def _gateway_main(
+    conn: multiprocessing.connection.Connection, size: int, kubeconfig: str | None, workdir: str
+) -> None:
+    settings = server.Settings(port=0, call_log_path=os.path.join(workdir, "calllog.sqlite3"))
+    credentials = (
+        kube.Credentials.from_kubeconfig(kubeconfig)
+        if kubeconfig
+        else kube.Credentials(server="http://127.0.0.1:9", ssl_context=False)  # never called
+    )
+    async with (
+        kube.Client(credentials) as client,
+        server.running(settings=settings, kube_client=client, feeds=kubeconfig is not None) as (
+            gateway,
+            port,
+        ),
+    ):
+        started = time.perf_counter()
+        if kubeconfig is None:
+            # No feeds: the cache is filled here, with the same reset a watch SYNC does.
+            gateway.operations.reset(
+                (synthetic(i) for i in range(1, size + 1)), resource_version="1"
+            )
+            gateway.tasks.reset([], resource_version="1")
+            for event in gateway.synced.values():
+                event.set()
+        else:
+            await asyncio.wait_for(
+                asyncio.gather(*(e.wait() for e in gateway.synced.values())), timeout=600
+            )
+            # Everything was created before the gateway started: the first list has it all.
+        gateway.keyring.apply(event="ADDED", obj=key_secret())
+        fill_seconds = time.perf_counter() - started
+        conn.send({"port": port, "cached": len(gateway.operations), "fill_seconds": fill_seconds})
+        loop = asyncio.get_running_loop()
+        # Answer the parent's questions until it says stop; "cpu" is this process's CPU
+        # time, so the parent can compute CPU per call (independent of other load).
+        while (message := await loop.run_in_executor(None, conn.recv)) != "stop":
+            assert message == "cpu"
+            conn.send(time.process_time())
+        conn.send({"peak_rss_bytes": peak_rss_bytes()})
+
+
+# --- the load generator -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    requests: int
+    seconds: float
+    latencies: list[float]
+    faults: int
+
+    def summary(self) -> dict[str, float]:
+        lat = sorted(self.latencies)
+        q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else lat * 99
+        return {
+            "requests": self.requests,
+            "req_per_s": round(self.requests / self.seconds, 1),
+            "p50_ms": round(q[49] * 1000, 2),
+            "p99_ms": round(q[98] * 1000, 2),
+            "max_ms": round(lat[-1] * 1000, 2),
+            "faults": self.faults,
+        }
+
+
+async def load(url: str, bodies: list[bytes], *, duration: float, concurrency: int) -> Result:
+    latencies: list[float] = []
+    faults = 0
+    deadline = time.perf_counter() + duration
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker(seed: int) -> None:
+            nonlocal faults
+            rnd = random.Random(seed)
+            while time.perf_counter() < deadline:
+                body = bodies[rnd.randrange(len(bodies))]
+                t0 = time.perf_counter()
+                async with session.post(url, data=body, headers={"Content-Type": "text/xml"}) as r:
+                    payload = await r.read()
+                latencies.append(time.perf_counter() - t0)
+                if r.status != 200 or b"<fault>" in payload:
+                    faults += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return Result(requests=len(latencies), seconds=seconds, latencies=latencies, faults=faults)
+
+
+def list_bodies(session: str) -> list[bytes]:
+    """operation_list calls with every filter Gandi offers, alone and combined."""
+    filters: list[dict[str, Any]] = [{}]
+    for i in range(40):
+        rnd = random.Random(i)
+        start = T0 + datetime.timedelta(seconds=rnd.randrange(SPAN_SECONDS))
+        window = {
+            "updated_after": xmlrpc.client.DateTime(start),
+            "updated_before": xmlrpc.client.DateTime(start + datetime.timedelta(days=2)),
+        }
+        filters += [
+            {"state": rnd.choice(["RUN", "WAIT", "DONE", "ERROR", "CANCEL"])},
+            {"type": rnd.choice(TYPES)},
+            window,
+            {**window, "state": "DONE", "type": rnd.choice(TYPES)},
+            {"state": "ERROR", "type": rnd.choice(TYPES)},
+        ]
+    return [xmlrpc.client.dumps((session, f), "operation_list").encode() for f in filters]
+
+
+async def bench_size(
+    size: int,
+    *,
+    duration: float,
+    concurrency: int,
+    list_concurrency: int,
+    kubeconfig: str | None,
+) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    with tempfile.TemporaryDirectory() as workdir:
+        process = ctx.Process(target=gateway_process, args=(child, size, kubeconfig, workdir))
+        process.start()
+        info = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
+        url = f"http://127.0.0.1:{info['port']}/xmlrpc"
+        session = xmlrpc.client.ServerProxy(url).login(KEY)
+        rnd = random.Random(42)
+        details = [
+            xmlrpc.client.dumps((session, rnd.randrange(1, size + 1)), "operation_details").encode()
+            for _ in range(2000)
+        ]
+        loop = asyncio.get_running_loop()
+
+        async def cpu() -> float:
+            parent.send("cpu")
+            seconds: float = await loop.run_in_executor(None, parent.recv)
+            return seconds
+
+        await load(url, details, duration=2, concurrency=concurrency)  # warm-up
+        cpu_before = await cpu()
+        details_result = await load(url, details, duration=duration, concurrency=concurrency)
+        details_cpu_us = (await cpu() - cpu_before) / details_result.requests * 1e6
+        cpu_before = await cpu()
+        list_result = await load(
+            url, list_bodies(session), duration=duration, concurrency=list_concurrency
+        )
+        list_cpu_us = (await cpu() - cpu_before) / list_result.requests * 1e6
+        list_serial = await load(url, list_bodies(session), duration=duration / 2, concurrency=1)
+        parent.send("stop")
+        rss = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
+        process.join(30)
+    return {
+        "operations": size,
+        "cached": info["cached"],
+        "fill": "apiserver" if kubeconfig else "direct",
+        "fill_seconds": round(info["fill_seconds"], 2),
+        "concurrency": concurrency,
+        "list_concurrency": list_concurrency,
+        "details": {**details_result.summary(), "gateway_cpu_us_per_call": round(details_cpu_us)},
+        "list": {**list_result.summary(), "gateway_cpu_us_per_call": round(list_cpu_us)},
+        "list_one_client": list_serial.summary(),
+        "peak_rss_mib": round(rss["peak_rss_bytes"] / 2**20, 1),
+    }
+
+
+async def create_operations(kubeconfig: str, size: int) -> float:
+    """Create ``size`` synthetic Operations through the API server; returns seconds."""
+    started = time.perf_counter()
+    async with kube.Client(kube.Credentials.from_kubeconfig(kubeconfig)) as client:
+        with contextlib.suppress(kube.AlreadyExists):
+            await client.create(
+                kube.NAMESPACES,
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+            )
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(1, size + 1):
+            queue.put_nowait(i)
+
+        async def worker() -> None:
+            while not queue.empty():
+                obj = synthetic(queue.get_nowait())
+                status = obj.pop("status")
+                created = await client.create(kube.OPERATIONS, obj, namespace=NAMESPACE)
+                await client.patch(
+                    kube.OPERATIONS,
+                    name=created["metadata"]["name"],
+                    namespace=NAMESPACE,
+                    body={"status": status},
+                    subresource="status",
+                )
+
+        await asyncio.gather(*(worker() for _ in range(32)))
+    return time.perf_counter() - started
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) // 1024
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_mib": mem,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "aiohttp": aiohttp.__version__,
+        "load_average_at_end": os.getloadavg(),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# Gateway benchmark",
+        "",
+        f"Run {report['when']} on {m['cpu']} ({m['cpus']} CPUs, {m['memory_mib']} MiB),"
+        f" Python {m['python']}, {m['platform']}; load average at the end"
+        f" {', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}.",
+        "",
+        "Gateway in its own process; load generator in another process on the same machine"
+        " (they share the CPUs), loopback HTTP keep-alive, real XML-RPC bodies. Every call is"
+        " also written to the SQLite call log.",
+        "",
+        "| operations | cache fill | details clients | details req/s | details p50 ms"
+        " | details p99 ms | list clients | list req/s | list p50 ms | list p99 ms"
+        " | list p99 ms (1 client) | gateway CPU µs per details / list call | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        d, li, l1 = r["details"], r["list"], r["list_one_client"]
+        lines.append(
+            f"| {r['operations']:,} | {r['fill']} ({r['fill_seconds']} s) | {r['concurrency']}"
+            f" | {d['req_per_s']:,} | {d['p50_ms']} | {d['p99_ms']} | {r['list_concurrency']}"
+            f" | {li['req_per_s']:,}"
+            f" | {li['p50_ms']} | {li['p99_ms']} | {l1['p99_ms']}"
+            f" | {d['gateway_cpu_us_per_call']} / {li['gateway_cpu_us_per_call']}"
+            f" | {r['peak_rss_mib']} |"
+        )
+    lines += ["", *report["notes"], ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--fill", choices=("direct", "apiserver"), default="direct")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=32, help="details clients")
+    parser.add_argument("--list-concurrency", type=int, default=4, help="list clients")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--name", default="gateway", help="results file stem")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    notes: list[str] = []
+    runs = []
+    for size in sizes:
+        if args.fill == "apiserver":
+            from opkeeper import localcluster
+
+            with (
+                tempfile.TemporaryDirectory() as state,
+                localcluster.started(pathlib.Path(state)) as cluster,
+            ):
+                seconds = asyncio.run(create_operations(str(cluster.kubeconfig), size))
+                notes.append(
+                    f"- {size:,} Operations created through the API server (create +"
+                    f" status patch each) in {seconds:.0f} s."
+                )
+                runs.append(
+                    asyncio.run(
+                        bench_size(
+                            size,
+                            duration=args.duration,
+                            concurrency=args.concurrency,
+                            list_concurrency=args.list_concurrency,
+                            kubeconfig=str(cluster.kubeconfig),
+                        )
+                    )
+                )
+        else:
+            runs.append(
+                asyncio.run(
+                    bench_size(
+                        size,
+                        duration=args.duration,
+                        concurrency=args.concurrency,
+                        list_concurrency=args.list_concurrency,
+                        kubeconfig=None,
+                    )
+                )
+            )
+        print(json.dumps(runs[-1]), flush=True)
+    if args.fill == "direct":
+        notes.append(
+            "- Cache filled directly in the gateway process (the same `reset` a watch"
+            " SYNC performs), not through the API server."
+        )
+    report = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "targets": {"details_req_per_s": 3000, "list_p99_ms_at_100k": 20},
+        "runs": runs,
+        "notes": notes,
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+"""ScheduledTask benchmark: firing lateness, API writes while waiting, controller peak RSS.
+
+N one-shot ScheduledTasks (default 10,000) are created with ``execAt`` spread
+evenly over ``--spread`` seconds, starting after every task has been armed
+and then left waiting for ``--wait`` seconds. The controller runs as its own
+process (``opkeeper controller``, as in production: the Operation controller
+in the same process executes the created builtin noop Operations).
+
+Measured:
+
+* lateness per run, two ways: the controller's ``opkeeper.dev/fired-at``
+  annotation (ms) minus the run's scheduled time (what the controller did;
+  creationTimestamp has only whole seconds), and the time this process saw
+  the Operation on its watch minus the scheduled time (end to end);
+* API writes to ScheduledTasks while every task waits, from the API server's
+  own ``apiserver_request_total`` (target: 0), plus the ScheduledTask watch
+  events seen in that window (a write would show up there too);
+* writes per run over the whole firing phase, by resource;
+* the controller's peak RSS (VmHWM) and its RSS while 10,000 tasks wait.
+
+Usage: python bench/bench_scheduledtasks.py [--tasks 10000] [--spread 180]
+       [--wait 60] [--kubeconfig PATH] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import machine  # bench/machine.py: the script's directory is on sys.path
+from opkeeper import API_VERSION, errors, kube, localcluster, schedule
+
+NAMESPACE = "bench-scheduledtasks"
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "count": len(values),
+        "p50_ms": round(percentile(values, 0.50) * 1000, 1),
+        "p90_ms": round(percentile(values, 0.90) * 1000, 1),
+        "p99_ms": round(percentile(values, 0.99) * 1000, 1),
+        "max_ms": round(max(values) * 1000, 1),
+        "mean_ms": round(statistics.fmean(values) * 1000, 1),
+    }
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
+    found: dict[str, int] = {}
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+async def api_writes(client: kube.Client) -> dict[str, int]:
+    """Successful writes per opkeeper/core resource, from the API server's own metrics."""
+    async with client.session.get("/metrics") as response:
+        text = await response.text()
+    totals: dict[str, int] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels_text, _, value = line[len("apiserver_request_total{") :].rpartition("} ")
+        labels = dict(part.split("=", 1) for part in labels_text.split('",') if "=" in part)
+        labels = {k: v.strip('"') for k, v in labels.items()}
+        if labels.get("verb") not in WRITE_VERBS or not labels.get("code", "").startswith("2"):
+            continue
+        resource = labels.get("resource", "")
+        if labels.get("subresource"):
+            resource += "/" + labels["subresource"]
+        key = f"{labels['verb']} {resource}"
+        totals[key] = totals.get(key, 0) + int(float(value))
+    return totals
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    keys = set(after) | set(before)
+    changed = {k: after.get(k, 0) - before.get(k, 0) for k in keys}
+    return {k: v for k, v in sorted(changed.items()) if v}
+
+
+class Observer:
+    """Watches ScheduledTasks and their Operations the way a client would."""
+
+    def __init__(self, client: kube.Client) -> None:
+        self.client = client
+        self.armed: set[str] = set()
+        self.completed: set[str] = set()
+        self.task_changes = 0
+        """ScheduledTask ADDED/MODIFIED events seen (a write anywhere shows up here)."""
+        self.seen: dict[str, float] = {}
+        """Operation name -> time this process first saw it."""
+        self.lateness_fired: list[float] = []
+        self.lateness_seen: list[float] = []
+        self.changed = asyncio.Event()
+
+    async def watch_tasks(self) -> None:
+        async for event in self.client.stream(kube.SCHEDULED_TASKS, namespace=NAMESPACE):
+            for body in event.objects or ([event.object] if event.object else []):
+                if event.type in ("ADDED", "MODIFIED"):
+                    self.task_changes += 1
+                status = body.get("status") or {}
+                name = body["metadata"]["name"]
+                if status.get("nextRunAt") or status.get("lastScheduleTime"):
+                    self.armed.add(name)
+                if status.get("state") == "Completed":
+                    self.completed.add(name)
+            self.changed.set()
+
+    async def watch_operations(self) -> None:
+        async for event in self.client.stream(
+            kube.OPERATIONS, namespace=NAMESPACE, label_selector=schedule.LABEL_TASK
+        ):
+            now = time.time()
+            for body in event.objects or ([event.object] if event.object else []):
+                name = body["metadata"]["name"]
+                if name in self.seen or event.type == "DELETED":
+                    continue
+                self.seen[name] = now
+                annotations = body["metadata"].get("annotations") or {}
+                scheduled = datetime.datetime.fromisoformat(
+                    annotations[schedule.ANNOTATION_SCHEDULED_TIME]
+                ).timestamp()
+                fired = datetime.datetime.fromisoformat(
+                    annotations[schedule.ANNOTATION_FIRED_AT]
+                ).timestamp()
+                self.lateness_fired.append(fired - scheduled)
+                self.lateness_seen.append(now - scheduled)
+            self.changed.set()
+
+    async def until(self, predicate: Any, *, limit: float, what: str) -> None:
+        async def loop() -> None:
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+        try:
+            await asyncio.wait_for(loop(), limit)
+        except TimeoutError:
+            raise SystemExit(f"timed out after {limit:.0f}s waiting for {what}") from None
+
+
+async def create_tasks(
+    client: kube.Client, *, count: int, first: datetime.datetime, spread: float, concurrency: int
+) -> None:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        due = first + datetime.timedelta(seconds=spread * i / max(1, count - 1))
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": "ScheduledTask",
+            "metadata": {"name": f"task-{i:05d}"},
+            "spec": {
+                "execAt": schedule.millis(due),
+                "template": {
+                    "spec": {"type": "bench_noop", "executor": {"builtin": {"action": "noop"}}}
+                },
+            },
+        }
+        async with gate:
+            for _ in range(5):
+                try:
+                    await client.create(kube.SCHEDULED_TASKS, body, namespace=NAMESPACE)
+                    return
+                except errors.Unavailable:
+                    await asyncio.sleep(0.5)
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+
+
+@contextlib.contextmanager
+def controller(kubeconfig: str, log: pathlib.Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "opkeeper.cli",
+                "controller",
+                "--standalone",
+                "-n",
+                NAMESPACE,
+                "--log-level",
+                "warning",
+            ],
+            env={**os.environ, "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def bench(
+    *, kubeconfig: str, tasks: int, spread: float, wait: float, lead: float, workdir: pathlib.Path
+) -> dict[str, Any]:
+    client = kube.Client(kube.Credentials.from_kubeconfig(kubeconfig), connection_limit=64)
+    with contextlib.suppress(kube.AlreadyExists):
+        await client.create(
+            kube.NAMESPACES,
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+        )
+    observer = Observer(client)
+    watchers = [
+        asyncio.create_task(observer.watch_tasks()),
+        asyncio.create_task(observer.watch_operations()),
+    ]
+    with controller(kubeconfig, workdir / "controller.log") as process:
+        began = time.time()
+        first = utcnow() + datetime.timedelta(seconds=lead)
+        await create_tasks(client, count=tasks, first=first, spread=spread, concurrency=32)
+        created = time.time()
+        await observer.until(
+            lambda: len(observer.armed) >= tasks,
+            limit=max(60.0, (first - utcnow()).total_seconds()),
+            what="every task to be armed",
+        )
+        armed = time.time()
+        window = first.timestamp() - 1 - armed
+        if window < wait / 2:
+            raise SystemExit(f"only {window:.0f}s of waiting before the first run: raise --lead")
+        # The waiting window: every task armed, none due yet.
+        writes_before = await api_writes(client)
+        changes_before = observer.task_changes
+        rss_waiting = memory_kib(process.pid)
+        await asyncio.sleep(first.timestamp() - 1 - time.time())
+        writes_waiting = delta(await api_writes(client), writes_before)
+        changes_waiting = observer.task_changes - changes_before
+        # The firing phase.
+        firing_before = await api_writes(client)
+        await observer.until(
+            lambda: len(observer.seen) >= tasks,
+            limit=spread + 300,
+            what="every run's Operation",
+        )
+        await observer.until(
+            lambda: len(observer.completed) >= tasks, limit=300, what="every task Completed"
+        )
+        firing = delta(await api_writes(client), firing_before)
+        rss_end = memory_kib(process.pid)
+    for watcher in watchers:
+        watcher.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
+    await client.close()
+    return {
+        "tasks": tasks,
+        "spread_s": spread,
+        "create_s": round(created - began, 1),
+        "armed_after_s": round(armed - began, 1),
+        "waiting_window_s": round(window, 1),
+        "writes_while_waiting": writes_waiting,
+        "scheduledtask_writes_while_waiting": sum(
+            v for k, v in writes_waiting.items() if "scheduledtasks" in k
+        ),
+        "scheduledtask_watch_events_while_waiting": changes_waiting,
+        "lateness_fired": summary(observer.lateness_fired),
+        "lateness_seen": summary(observer.lateness_seen),
+        "writes_while_firing": firing,
+        "writes_per_run": {k: round(v / tasks, 2) for k, v in firing.items()},
+        "controller_rss_waiting_mib": round(rss_waiting["VmRSS"] / 1024, 1),
+        "controller_peak_rss_mib": round(rss_end["VmHWM"] / 1024, 1),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    run = report["run"]
+    fired, seen = run["lateness_fired"], run["lateness_seen"]
+    target = report["targets"]
+    lines = [
+        "# ScheduledTask benchmark",
+        "",
+        machine.markdown_header(report["machine"]),
+        f"{run['tasks']:,} one-shot ScheduledTasks due evenly over {run['spread_s']:.0f} s, after"
+        f" {run['waiting_window_s']:.0f} s of all of them waiting. Controller in its own process"
+        " (it also runs the created builtin noop Operations). Reproduce:"
+        f" `{report['command']}`.",
+        "",
+        "| measure | result | target |",
+        "|---|---|---|",
+        f"| lateness p50 / p99 / max (controller, fired-at annotation) | {fired['p50_ms']} /"
+        f" {fired['p99_ms']} / {fired['max_ms']} ms | p99 < {target['p99_lateness_ms']} ms |",
+        f"| lateness p50 / p99 / max (seen on a client's watch) | {seen['p50_ms']} /"
+        f" {seen['p99_ms']} / {seen['max_ms']} ms | |",
+        f"| ScheduledTask writes while waiting (apiserver_request_total) |"
+        f" {run['scheduledtask_writes_while_waiting']} | {target['writes_while_waiting']} |",
+        f"| ScheduledTask watch events while waiting | "
+        f"{run['scheduledtask_watch_events_while_waiting']} | 0 |",
+        f"| controller RSS while {run['tasks']:,} tasks wait | {run['controller_rss_waiting_mib']}"
+        " MiB | |",
+        f"| controller peak RSS | {run['controller_peak_rss_mib']} MiB | |",
+        f"| creating the tasks / all armed after | {run['create_s']} s / {run['armed_after_s']} s"
+        " | |",
+        "",
+        "All API writes while waiting, by verb and resource: "
+        + (", ".join(f"{k}: {v}" for k, v in run["writes_while_waiting"].items()) or "none")
+        + ".",
+        "",
+        "API writes per run during the firing phase (the run's claim and finish on the task,"
+        " the Operation's create and its own controller's writes, Events):",
+        "",
+        "| verb resource | per run |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in run["writes_per_run"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--spread", type=float, default=180.0, help="seconds the runs span")
+    parser.add_argument("--wait", type=float, default=60.0, help="seconds all tasks wait armed")
+    parser.add_argument(
+        "--lead",
+        type=float,
+        default=None,
+        help="seconds from start to the first run (default: enough to create and arm, + wait)",
+    )
+    parser.add_argument("--kubeconfig", help="use this cluster instead of a fresh local one")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--name", default="scheduledtasks", help="results file stem")
+    args = parser.parse_args()
+    # Creating and arming runs at roughly 100-200 tasks/s on 2 cores.
+    lead = args.lead if args.lead is not None else args.tasks / 80 + args.wait + 20
+    with tempfile.TemporaryDirectory() as state:
+        workdir = pathlib.Path(state)
+        if args.kubeconfig:
+            run = asyncio.run(
+                bench(kubeconfig=args.kubeconfig, tasks=args.tasks, spread=args.spread,
+                      wait=args.wait, lead=lead, workdir=workdir)
+            )  # fmt: skip
+        else:
+            with localcluster.started(workdir / "cluster") as cluster:
+                run = asyncio.run(
+                    bench(kubeconfig=str(cluster.kubeconfig), tasks=args.tasks,
+                          spread=args.spread, wait=args.wait, lead=lead, workdir=workdir)
+                )  # fmt: skip
+    report = {
+        "machine": machine.info(),
+        "command": "python bench/bench_scheduledtasks.py " + " ".join(sys.argv[1:]),
+        "targets": {"p99_lateness_ms": 1000, "writes_while_waiting": 0},
+        "run": run,
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

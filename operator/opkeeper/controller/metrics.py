@@ -1,0 +1,75 @@
+"""Prometheus metrics of the controller.
+
+Counted where the decision is made (the reconciler), so the numbers are the
+controller's own view: transitions, attempt durations by type and outcome,
+operations per state (read from the in-memory cache at scrape time, so the
+gauge costs nothing between scrapes), and API writes by verb and resource
+(from :class:`opkeeper.kube.Client`), which is what the write budget is about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import prometheus_client
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+TRANSITIONS = prometheus_client.Counter(
+    "opkeeper_operation_transitions_total",
+    "Operation state transitions, by source and target state.",
+    ["from_state", "to_state"],
+)
+DURATION = prometheus_client.Histogram(
+    "opkeeper_operation_duration_seconds",
+    "Time from an attempt being queued to its end, by operation type and final state.",
+    ["type", "outcome"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
+)
+RECONCILES = prometheus_client.Counter(
+    "opkeeper_reconciles_total", "Reconcile runs, by result.", ["result"]
+)
+
+
+class StateCollector(Collector):
+    """``opkeeper_operations{state}`` and ``opkeeper_api_writes_total`` at scrape time."""
+
+    def __init__(
+        self,
+        *,
+        states: Callable[[], Mapping[str, int]],
+        writes: Callable[[], Mapping[tuple[str, str], int]],
+    ) -> None:
+        self._states = states
+        self._writes = writes
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "opkeeper_operations",
+            "Operations known to the controller, by state.",
+            labels=["state"],
+        )
+        for state, count in sorted(self._states().items()):
+            gauge.add_metric([state], count)
+        yield gauge
+        counter = CounterMetricFamily(
+            "opkeeper_api_writes",
+            "Writes the controller made to the API server.",
+            labels=["verb", "resource"],
+        )
+        for (verb, resource), count in sorted(self._writes().items()):
+            counter.add_metric([verb, resource], count)
+        yield counter
+
+
+def serve(*, port: int, collector: StateCollector) -> None:
+    """Register ``collector`` and serve /metrics on ``port`` (0: do not serve)."""
+    prometheus_client.REGISTRY.register(collector)
+    if port:
+        # A thread of its own: kopf cancels the asyncio tasks it did not start on exit.
+        prometheus_client.start_http_server(port)
+
+
+def unserve(collector: StateCollector) -> None:
+    """Unregister ``collector`` (the HTTP thread, if any, lives as long as the process)."""
+    prometheus_client.REGISTRY.unregister(collector)

@@ -1,0 +1,45 @@
+"""The controller's settings, in one place, each with its unit and why it is what it is."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """How the controller runs. The CLI fills it from flags; tests build it directly."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces (or kopf globs) to serve. Empty with ``all_namespaces`` False means
+    the kubeconfig's current namespace is not assumed: the CLI requires one or the other."""
+    all_namespaces: bool = False
+    """Serve every namespace (cluster-wide watches; needs cluster-wide RBAC)."""
+    system_namespace: str = "opkeeper-system"
+    """Where the id counter ConfigMap lives (created if missing). The gateway must use
+    the same one, or ids collide."""
+    id_block_size: int = 100
+    """Ids reserved per counter write. Larger: fewer writes; the rest of a block is
+    skipped (never reused) when the process stops."""
+    workers: int = 32
+    """Concurrent reconciles (different operations). Bounded so a burst of creations
+    queues in memory instead of opening thousands of connections."""
+    standalone: bool = False
+    """Run without kopf peering (one controller only; tests and local runs)."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    post_events: bool = True
+    """Post a Kubernetes Event on each transition. Each Event is an API write: the
+    benchmark reports them separately."""
+    coalesce_seconds: float = 2.0
+    """Minimum gap, in seconds, between two controller writes to one operation that
+    only carry progress or ``updatedAt`` (worker reports, sleep steps). Transitions are
+    never delayed. This is what keeps a chatty worker from costing a write per report."""
+    default_retry_backoff_seconds: int = 10
+    """Delay before the first automatic retry when spec.retries.backoffSeconds is unset;
+    doubled for each further retry."""
+    webhook_initial_delay: float = 1.0
+    """First delay, in seconds, before re-trying a failed webhook call or polling pollUrl."""
+    webhook_max_delay: float = 60.0
+    """Cap, in seconds, of the doubling webhook retry/poll delay."""
+    error_max_delay: float = 60.0
+    """Cap, in seconds, of the backoff after a failed reconcile (API server unavailable)."""

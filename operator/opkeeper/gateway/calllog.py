@@ -1,0 +1,295 @@
+"""The gocept call log: every call of a tenant, numbered without gaps, kept 30 days.
+
+``log(serial)`` promises a client that walking serials upwards never skips
+an entry. That needs two things from the store: serials allocated per tenant
+inside the same transaction that inserts the entry, and commits that become
+visible in serial order. :class:`CallLog` is the small interface the gateway
+uses; :class:`SqliteCallLog` is the embedded default (one file on a volume).
+A PostgreSQL store for several gateway replicas is a second class with the
+same four methods and the same two tables (docs/gateway.md has its SQL): the
+per-tenant counter row is locked by the upsert until commit, which gives the
+same ordering guarantee across processes that the single writer thread gives
+here.
+
+SQLite calls block, so they run in threads and the event loop never waits on
+disk: one writer thread owns the write connection and commits appends in
+groups (one transaction for everything queued meanwhile, which is what keeps
+a logged call cheap under load), and one reader thread serves ``since`` and
+``latest`` from a second connection, which WAL lets read while the writer
+writes.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import dataclasses
+import datetime
+import sqlite3
+from typing import NewType
+
+Serial = NewType("Serial", int)
+"""A position in one tenant's log, 1, 2, 3, ... with no gaps."""
+
+RETENTION = datetime.timedelta(days=30)
+"""How long entries are kept (the gocept promise)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Entry:
+    """One logged call."""
+
+    serial: Serial
+    timestamp: datetime.datetime
+    """When the call was logged (aware, UTC)."""
+    method: str
+    args_json: str
+    """The call's arguments as JSON, credentials already redacted."""
+    result_json: str
+    """The result as JSON; empty when the call failed."""
+    exception: str
+    """The fault string when the call failed; empty otherwise."""
+    address: str
+    """The caller's IP address."""
+
+
+class CallLog(abc.ABC):
+    """Where the gateway keeps the call log; every method is safe to call concurrently."""
+
+    @abc.abstractmethod
+    async def append(
+        self,
+        *,
+        tenant: str,
+        method: str,
+        args_json: str,
+        result_json: str,
+        exception: str = "",
+        address: str = "",
+        when: datetime.datetime | None = None,
+    ) -> Serial:
+        """Log one call; returns its serial once the entry is durable and visible."""
+
+    @abc.abstractmethod
+    async def since(self, *, tenant: str, serial: int, limit: int) -> list[Entry]:
+        """Entries with a serial above ``serial``, oldest first, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def latest(self, *, tenant: str, n: int) -> list[Entry]:
+        """The newest ``n`` entries, oldest first."""
+
+    @abc.abstractmethod
+    async def purge(self, *, older_than: datetime.datetime) -> int:
+        """Delete entries logged before ``older_than``; returns how many went."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending appends and release connections."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    tenant TEXT NOT NULL,
+    serial INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    method TEXT NOT NULL,
+    args TEXT NOT NULL,
+    result TEXT NOT NULL,
+    exception TEXT NOT NULL,
+    address TEXT NOT NULL,
+    PRIMARY KEY (tenant, serial)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
+CREATE TABLE IF NOT EXISTS serials (
+    tenant TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+_NEXT_SERIAL = (
+    "INSERT INTO serials (tenant, last) VALUES (?, 1)"
+    " ON CONFLICT (tenant) DO UPDATE SET last = last + 1 RETURNING last"
+)
+_INSERT = (
+    "INSERT INTO calls (tenant, serial, ts, method, args, result, exception, address)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COLUMNS = "serial, ts, method, args, result, exception, address"
+
+_Row = tuple[str, float, str, str, str, str, str]
+"""tenant, ts, method, args, result, exception, address: one queued append."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SqliteSettings:
+    """Where and how the embedded call log is kept."""
+
+    path: str
+    """The database file (on a persistent volume in a cluster); ``:memory:`` is not
+    supported because the reader and writer need to share the file."""
+    batch_max: int = 512
+    """Most appends committed in one transaction (default 512): bounds how long one
+    commit holds the writer while still amortising its cost under load."""
+    busy_timeout_ms: int = 5000
+    """How long a connection waits on a lock held by another one, in ms (default 5000);
+    only matters if an operator opens the file by hand while the gateway runs."""
+
+
+class SqliteCallLog(CallLog):
+    """The embedded store: SQLite in WAL mode, group-committed by one writer thread."""
+
+    def __init__(self, *, settings: SqliteSettings) -> None:
+        self._settings = settings
+        # One thread each: a sqlite3 connection must stay on the thread that uses it,
+        # and one writer is what makes serial order equal commit order.
+        self._writer_pool = concurrent.futures.ThreadPoolExecutor(1, "calllog-writer")
+        self._reader_pool = concurrent.futures.ThreadPoolExecutor(1, "calllog-reader")
+        self._write_conn: sqlite3.Connection | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        # None is the stop marker close() queues behind the last append.
+        self._queue: asyncio.Queue[tuple[_Row, asyncio.Future[Serial]] | None] = asyncio.Queue()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Create the schema if needed and start the group-commit task."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer_pool, self._open_writer)
+        await loop.run_in_executor(self._reader_pool, self._open_reader)
+        self._flusher = asyncio.create_task(self._flush_forever(), name="calllog-flush")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._settings.path, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
+        return conn
+
+    def _open_writer(self) -> None:
+        conn = self._connect()
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode syncs at checkpoints, not per commit: a power cut can lose
+        # the last commits but never corrupts the file or reorders serials.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(_SCHEMA)
+        self._write_conn = conn
+
+    def _open_reader(self) -> None:
+        self._read_conn = self._connect()
+
+    async def append(
+        self,
+        *,
+        tenant: str,
+        method: str,
+        args_json: str,
+        result_json: str,
+        exception: str = "",
+        address: str = "",
+        when: datetime.datetime | None = None,
+    ) -> Serial:
+        if self._flusher is None:
+            raise RuntimeError("SqliteCallLog.open() was not awaited")
+        ts = (when or datetime.datetime.now(datetime.UTC)).timestamp()
+        done: asyncio.Future[Serial] = asyncio.get_running_loop().create_future()
+        await self._queue.put(
+            ((tenant, ts, method, args_json, result_json, exception, address), done)
+        )
+        return await done
+
+    async def _flush_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self._settings.batch_max and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            try:
+                serials = await loop.run_in_executor(
+                    self._writer_pool, self._write_batch, [row for row, _ in batch]
+                )
+            except Exception as exc:  # the callers see the store's error, the loop goes on
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, done), serial in zip(batch, serials, strict=True):
+                if not done.done():
+                    done.set_result(serial)
+
+    def _write_batch(self, rows: list[_Row]) -> list[Serial]:
+        conn = self._write_conn
+        assert conn is not None
+        serials: list[Serial] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for tenant, ts, method, args, result, exception, address in rows:
+                (last,) = conn.execute(_NEXT_SERIAL, (tenant,)).fetchone()
+                conn.execute(_INSERT, (tenant, last, ts, method, args, result, exception, address))
+                serials.append(Serial(int(last)))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return serials
+
+    async def since(self, *, tenant: str, serial: int, limit: int) -> list[Entry]:
+        sql = (
+            f"SELECT {_COLUMNS} FROM calls WHERE tenant = ? AND serial > ? ORDER BY serial LIMIT ?"
+        )
+        return await self._read(sql, (tenant, serial, limit), reverse=False)
+
+    async def latest(self, *, tenant: str, n: int) -> list[Entry]:
+        sql = f"SELECT {_COLUMNS} FROM calls WHERE tenant = ? ORDER BY serial DESC LIMIT ?"
+        return await self._read(sql, (tenant, n), reverse=True)
+
+    async def _read(self, sql: str, args: tuple[str | int, ...], *, reverse: bool) -> list[Entry]:
+        def run() -> list[Entry]:
+            assert self._read_conn is not None
+            rows = self._read_conn.execute(sql, args).fetchall()
+            entries = [
+                Entry(
+                    serial=Serial(int(serial)),
+                    timestamp=datetime.datetime.fromtimestamp(ts, datetime.UTC),
+                    method=method,
+                    args_json=args_json,
+                    result_json=result_json,
+                    exception=exception,
+                    address=address,
+                )
+                for serial, ts, method, args_json, result_json, exception, address in rows
+            ]
+            return entries[::-1] if reverse else entries
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, run)
+
+    async def purge(self, *, older_than: datetime.datetime) -> int:
+        def run() -> int:
+            assert self._write_conn is not None
+            # The serials table is kept: the counter must never restart after a purge.
+            cursor = self._write_conn.execute(
+                "DELETE FROM calls WHERE ts < ?", (older_than.timestamp(),)
+            )
+            return int(cursor.rowcount)
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer_pool, run)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await self._queue.put(None)  # behind every queued append: they all commit first
+            await self._flusher
+            self._flusher = None
+        loop = asyncio.get_running_loop()
+        if self._write_conn is not None:
+            await loop.run_in_executor(self._writer_pool, self._write_conn.close)
+            self._write_conn = None
+        if self._read_conn is not None:
+            await loop.run_in_executor(self._reader_pool, self._read_conn.close)
+            self._read_conn = None
+        self._writer_pool.shutdown(wait=True)
+        self._reader_pool.shutdown(wait=True)

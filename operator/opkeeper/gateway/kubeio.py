@@ -1,0 +1,95 @@
+"""The gateway's Kubernetes I/O: feeding the caches and server-side dry runs.
+
+The caches have no I/O of their own; :func:`feed` pumps one list+watch
+stream of :meth:`opkeeper.kube.Client.stream` into one of them. The first
+``SYNC`` of every stream marks it synced, and ``/readyz`` waits for all of
+them, so a freshly started gateway never answers "not found" for an
+operation it simply has not listed yet.
+
+:class:`DryRun` sends the patches and deletes of a gocept ``apply`` batch
+with ``dryRun=All`` first: the API server then runs the full validation
+(schema, CEL rules, admission) without persisting anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from opkeeper import errors, kube
+
+log = logging.getLogger(__name__)
+
+SECRETS = kube.Resource(group="", version="v1", plural="secrets")
+
+
+async def feed(
+    events: AsyncIterator[kube.WatchEvent],
+    *,
+    reset: Callable[[list[dict[str, Any]]], None],
+    apply: Callable[[str, Mapping[str, Any]], None],
+    synced: asyncio.Event,
+) -> None:
+    """Apply a stream's events to a cache until cancelled."""
+    async for event in events:
+        if event.type == "SYNC":
+            reset(event.objects or [])
+            synced.set()
+        elif event.object is not None:
+            apply(event.type, event.object)
+
+
+class DryRun:
+    """Server-side dry runs for the writes :class:`opkeeper.kube.Client` has no dry-run
+    flag for (patch and delete); create's own ``dry_run=True`` covers creates."""
+
+    def __init__(self, client: kube.Client) -> None:
+        self._client = client
+
+    async def _send(self, method: str, path: str, body: Any, content_type: str) -> Any:
+        try:
+            async with self._client.session.request(
+                method,
+                path,
+                params={"dryRun": "All", "fieldManager": "opkeeper-gateway"},
+                data=json.dumps(body),
+                headers={"Content-Type": content_type},
+            ) as response:
+                payload = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise errors.Unavailable(f"dry run {method} {path}: {exc!r}") from exc
+        if status >= 300:
+            raise kube._error(status, payload, f"dry run {method} {path}")
+        return json.loads(payload) if payload else None
+
+    async def patch(
+        self, resource: kube.Resource, *, name: str, namespace: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self._send(
+            "PATCH",
+            resource.path(namespace=namespace, name=name),
+            body,
+            "application/merge-patch+json",
+        )
+        return result
+
+    async def delete(self, resource: kube.Resource, *, name: str, namespace: str, uid: str) -> None:
+        await self._send(
+            "DELETE",
+            resource.path(namespace=namespace, name=name),
+            # In the body too: with a DeleteOptions body the API server ignores the
+            # query parameter, and a "dry run" would really delete.
+            {
+                "kind": "DeleteOptions",
+                "apiVersion": "v1",
+                "dryRun": ["All"],
+                "preconditions": {"uid": uid},
+            },
+            "application/json",
+        )

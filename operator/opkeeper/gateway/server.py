@@ -1,0 +1,362 @@
+"""The gateway's HTTP server: POST /xmlrpc, /healthz, /readyz and /metrics.
+
+This layer owns what HTTP owns: reading a body without trusting its
+Content-Length (it stops at the limit and answers with a fault instead of
+buffering whatever arrives), a read deadline against slow senders, the
+peer address, and metrics by dialect, method and outcome. XML-RPC clients
+expect HTTP 200 with a fault for every error, so that is what every
+/xmlrpc answer is; only a request that is not a POST gets a plain 405.
+
+:class:`Gateway` wires the parts together and runs the list+watch feeds of
+Operations, ScheduledTasks and API-key Secrets plus the call log's daily
+purge. /readyz turns 200 once every feed has delivered its first complete
+list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import prometheus_client
+from aiohttp import web
+
+from opkeeper import ids, kube
+from opkeeper.gateway import auth, cache, calllog, dispatch, faults, kubeio, service, xmlrpc
+
+log = logging.getLogger(__name__)
+
+XML = "text/xml"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything ``opkeeper gateway`` can be told."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (default loopback; a Pod sets its own address or 0.0.0.0)."""
+    port: int = 8480
+    """TCP port (default 8480)."""
+    call_log_path: str = "opkeeper-calllog.sqlite3"
+    """The SQLite call log file; on a persistent volume in a cluster."""
+    system_namespace: str = "opkeeper-system"
+    """Where the id counter lives (shared with the controller)."""
+    keyring: auth.KeyRingSettings = dataclasses.field(default_factory=auth.KeyRingSettings)
+    sessions: auth.SessionSettings = dataclasses.field(default_factory=auth.SessionSettings)
+    service: service.Settings = dataclasses.field(default_factory=service.Settings)
+    limits: xmlrpc.Limits = xmlrpc.DEFAULT_LIMITS
+    read_timeout_seconds: float = 10.0
+    """Longest time a request body may take to arrive (default 10 s), so a client that
+    trickles bytes cannot hold a connection and a buffer forever."""
+    purge_interval_seconds: float = 3600.0
+    """How often entries older than the 30-day retention are deleted (default hourly)."""
+    id_block_size: int = 100
+    """Ids reserved per counter write (default 100); see :mod:`opkeeper.ids`."""
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of its own (one per server)."""
+
+    def __init__(self) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        self.requests = prometheus_client.Counter(
+            "opkeeper_gateway_requests",
+            "XML-RPC calls by dialect, method and outcome (ok or the fault name).",
+            ["dialect", "method", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = prometheus_client.Histogram(
+            "opkeeper_gateway_request_seconds",
+            "Time from the first body byte to the encoded answer.",
+            ["dialect", "method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.cached = prometheus_client.Gauge(
+            "opkeeper_gateway_cached_objects",
+            "Objects in the watch-fed caches.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.sessions = prometheus_client.Gauge(
+            "opkeeper_gateway_sessions", "Live login sessions.", registry=self.registry
+        )
+
+
+class Gateway:
+    """The running gateway: caches, feeds, service, dispatcher, HTTP app."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        kube_client: kube.Client,
+        call_log: calllog.CallLog,
+        id_allocator: service.Ids | None = None,
+    ) -> None:
+        self.settings = settings
+        self.kube = kube_client
+        self.operations = cache.OperationCache()
+        self.tasks = cache.TaskCache()
+        self.keyring = auth.KeyRing(settings=settings.keyring)
+        self.sessions = auth.Sessions(keyring=self.keyring, settings=settings.sessions)
+        self.call_log = call_log
+        self.service = service.Service(
+            operations=self.operations,
+            tasks=self.tasks,
+            kube_client=kube_client,
+            dry_run=kubeio.DryRun(kube_client),
+            id_allocator=id_allocator
+            or ids.IdAllocator(
+                kube_client,
+                namespace=settings.system_namespace,
+                block_size=settings.id_block_size,
+            ),
+            call_log=call_log,
+            settings=settings.service,
+        )
+        self.dispatcher = dispatch.Dispatcher(
+            svc=self.service, sessions=self.sessions, keyring=self.keyring, limits=settings.limits
+        )
+        self.metrics = Metrics()
+        self.synced = {name: asyncio.Event() for name in ("operations", "scheduledtasks", "keys")}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def ready(self) -> bool:
+        return all(event.is_set() for event in self.synced.values())
+
+    def start_feeds(self) -> None:
+        """Start the list+watch feeds and the purge loop (call inside the event loop)."""
+        ops_stream = self.kube.stream(kube.OPERATIONS)
+        tasks_stream = self.kube.stream(kube.SCHEDULED_TASKS)
+        keys_stream = self.kube.stream(
+            kubeio.SECRETS, namespace=self.settings.keyring.namespace, label_selector=auth.LABEL
+        )
+        self._spawn(
+            "feed-operations",
+            kubeio.feed(
+                ops_stream,
+                reset=lambda objs: self.operations.reset(objs, resource_version=""),
+                apply=lambda event, obj: self.operations.apply(event=event, obj=obj),
+                synced=self.synced["operations"],
+            ),
+        )
+        self._spawn(
+            "feed-scheduledtasks",
+            kubeio.feed(
+                tasks_stream,
+                reset=lambda objs: self.tasks.reset(objs, resource_version=""),
+                apply=lambda event, obj: self.tasks.apply(event=event, obj=obj),
+                synced=self.synced["scheduledtasks"],
+            ),
+        )
+        self._spawn(
+            "feed-keys",
+            kubeio.feed(
+                keys_stream,
+                reset=self.keyring.reset,
+                apply=lambda event, obj: self.keyring.apply(event=event, obj=obj),
+                synced=self.synced["keys"],
+            ),
+        )
+        self._spawn("calllog-purge", self._purge_forever())
+
+    def _spawn(self, name: str, coro: Any) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._crashed)
+        self._tasks.append(task)
+
+    @staticmethod
+    def _crashed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("gateway task %s died", task.get_name(), exc_info=task.exception())
+
+    async def _purge_forever(self) -> None:
+        while True:
+            cutoff = datetime.datetime.now(datetime.UTC) - calllog.RETENTION
+            try:
+                removed = await self.call_log.purge(older_than=cutoff)
+                log.info("call log purge removed %d entries", removed)
+            except Exception:
+                log.exception("call log purge failed; retrying at the next interval")
+            await asyncio.sleep(self.settings.purge_interval_seconds)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    # --- HTTP handlers -----------------------------------------------------------
+
+    async def xmlrpc(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        body_or_error = await self._read_body(request)
+        if isinstance(body_or_error, Exception):
+            fault, encoded = faults.encode(body_or_error)
+            outcome = dispatch.Outcome(body=encoded, dialect="none", method="unknown", fault=fault)
+            close = True
+        else:
+            outcome = await self.dispatcher.handle(
+                body=body_or_error,
+                request=dispatch.Request(
+                    address=request.remote or "",
+                    authorization=request.headers.get("Authorization"),
+                    now=datetime.datetime.now(datetime.UTC),
+                ),
+            )
+            close = False
+        self.metrics.requests.labels(
+            outcome.dialect, outcome.method, "ok" if outcome.fault is None else outcome.fault.name
+        ).inc()
+        self.metrics.latency.labels(outcome.dialect, outcome.method).observe(
+            time.perf_counter() - started
+        )
+        response = web.Response(body=outcome.body, content_type=XML, charset="utf-8")
+        if close:
+            # The rest of an oversized body was never read: the connection cannot be reused.
+            response.force_close()
+        return response
+
+    async def _read_body(self, request: web.Request) -> bytes | Exception:
+        limit = self.settings.limits.max_body_bytes
+        too_large = xmlrpc.BodyTooLarge(f"request body larger than {limit} bytes")
+        if request.content_length is not None and request.content_length > limit:
+            return too_large
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.settings.read_timeout_seconds):
+                async for chunk in request.content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        return too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            return xmlrpc.InvalidRequest(
+                f"request body not received within {self.settings.read_timeout_seconds} s"
+            )
+        return b"".join(chunks)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        dead = [t.get_name() for t in self._tasks if t.done()]
+        if dead:
+            return web.Response(status=500, text=f"stopped: {', '.join(dead)}\n")
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            waiting = [name for name, event in self.synced.items() if not event.is_set()]
+            return web.Response(status=503, text=f"waiting for: {', '.join(waiting)}\n")
+        return web.Response(text="ok\n")
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        self.metrics.cached.labels("operation").set(len(self.operations))
+        self.metrics.cached.labels("scheduledtask").set(len(self.tasks))
+        self.metrics.sessions.set(len(self.sessions))
+        return web.Response(
+            body=prometheus_client.generate_latest(self.metrics.registry),
+            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
+        )
+
+    def app(self) -> web.Application:
+        # aiohttp's own body limit stays above ours: _read_body enforces ours and answers
+        # with a fault instead of aiohttp's plain 413.
+        application = web.Application(client_max_size=self.settings.limits.max_body_bytes + 1)
+        application.add_routes(
+            [
+                web.post("/xmlrpc", self.xmlrpc),
+                web.get("/healthz", self.healthz),
+                web.get("/readyz", self.readyz),
+                web.get("/metrics", self.prometheus),
+            ]
+        )
+        return application
+
+
+@contextlib.asynccontextmanager
+async def running(
+    *,
+    settings: Settings,
+    kube_client: kube.Client,
+    call_log: calllog.CallLog | None = None,
+    id_allocator: service.Ids | None = None,
+    feeds: bool = True,
+) -> AsyncIterator[tuple[Gateway, int]]:
+    """Run a gateway until the block ends; yields it and the port it listens on.
+
+    ``feeds=False`` leaves the caches to the caller (benchmarks fill them directly).
+    """
+    store = call_log
+    own_store = store is None
+    if store is None:
+        sqlite_store = calllog.SqliteCallLog(
+            settings=calllog.SqliteSettings(path=settings.call_log_path)
+        )
+        await sqlite_store.open()
+        store = sqlite_store
+    gateway = Gateway(
+        settings=settings, kube_client=kube_client, call_log=store, id_allocator=id_allocator
+    )
+    if feeds:
+        gateway.start_feeds()
+    runner = web.AppRunner(gateway.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host=settings.host, port=settings.port)
+    await site.start()
+    port = _bound_port(runner)
+    log.info("gateway listening on %s:%d", settings.host, port)
+    try:
+        yield gateway, port
+    finally:
+        await runner.cleanup()
+        await gateway.stop()
+        if own_store:
+            await store.close()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("the gateway is not listening")
+
+
+async def serve(*, settings: Settings, kubeconfig: str | None) -> None:
+    """``opkeeper gateway``: run until SIGTERM or SIGINT, then drain and close cleanly
+    (pending call log entries are committed before the process exits)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with (
+        kube.Client(kube.Credentials.auto(kubeconfig), field_manager="opkeeper-gateway") as client,
+        running(settings=settings, kube_client=client),
+    ):
+        await stop.wait()
+    log.info("gateway stopped")
+
+
+def executors_from(pairs: list[str]) -> Mapping[str, Mapping[str, Any]]:
+    """Parse ``TYPE=JSON`` executor settings from the command line."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for pair in pairs:
+        type_, sep, raw = pair.partition("=")
+        if not sep or not type_:
+            raise ValueError(f"--executor wants TYPE=JSON, got {pair!r}")
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise ValueError(f"--executor {type_}: the executor is a JSON object")
+        out[type_] = value
+    return out

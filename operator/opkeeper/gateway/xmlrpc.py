@@ -1,0 +1,453 @@
+"""A hardened XML-RPC codec: strict standard types in, strict standard types out.
+
+Why not ``xmlrpc.client.loads``/``dumps``: ``loads`` runs expat with no
+limits and happily accepts the extensions (``<i8>``, ``<nil>``,
+``<ex:...>``, big integers) that Perl and PHP clients cannot answer in kind,
+and ``dumps`` writes ``<nil/>`` and ``<i8>``-range ints when asked to. Both
+are easy to misuse behind a flag. Instead:
+
+* Requests are parsed by defusedxml's parser (DTDs, entity declarations and
+  external references are refused, so billion-laughs and XXE payloads never
+  expand) feeding a streaming target that checks the XML-RPC grammar element
+  by element and stops at the first violation: a nesting limit, an element
+  count limit and the body size limit bound the work a request can cause,
+  and no tree is built.
+* Responses are written by a small encoder that knows only the standard
+  types (``int`` within i4, ``boolean``, ``string``, ``double``,
+  ``dateTime.iso8601``, ``base64``, ``struct``, ``array``). A value it cannot
+  represent (None, an int beyond 2**31-1, NaN, a character XML 1.0 forbids)
+  raises :class:`NotRepresentable`, which becomes a fault, never a silently
+  changed value.
+
+Every error here is a :class:`CodecError` subclass; :mod:`.faults` gives
+each one a stable faultCode. Python's own ``xmlrpc.client`` is the
+reference client in the tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime
+import math
+import re
+from typing import Any, TypeAlias
+
+import defusedxml
+import defusedxml.ElementTree
+
+from opkeeper import errors
+
+Value: TypeAlias = (
+    "bool | int | float | str | bytes | datetime.datetime | list[Value] | dict[str, Value]"
+)
+"""A decoded XML-RPC value (base64 decodes to bytes, dateTime to an aware UTC datetime)."""
+
+I4_MIN = -(2**31)
+I4_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one request may cost the parser."""
+
+    max_body_bytes: int = 1024 * 1024
+    """Largest accepted request body, in bytes (default 1 MiB: the biggest legitimate
+    call is a gocept apply batch, far below that)."""
+    max_depth: int = 32
+    """Deepest nesting of struct/array values (default 32; real params are 2-3 deep)."""
+    max_elements: int = 100_000
+    """Most XML elements in one request (default 100,000), so a flat flood of tiny
+    elements is cut off as early as a deep one."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# --- errors --------------------------------------------------------------------
+
+
+class CodecError(errors.InvalidArgument):
+    """The request is not acceptable XML-RPC (the caller's fault)."""
+
+
+class BodyTooLarge(CodecError):
+    """The request body exceeds :attr:`Limits.max_body_bytes`."""
+
+
+class MalformedXml(CodecError):
+    """The body is not well-formed XML."""
+
+
+class ForbiddenXml(CodecError):
+    """The body uses a DTD, an entity declaration or an external reference."""
+
+
+class LimitExceeded(CodecError):
+    """Too deep or too many elements."""
+
+
+class InvalidRequest(CodecError):
+    """Well-formed XML that is not a valid XML-RPC call (grammar, type or value)."""
+
+
+class UnknownMethod(CodecError):
+    """The method name is not served."""
+
+
+class BadParams(CodecError):
+    """The parameters do not match the method's signature (count or types)."""
+
+
+class NotRepresentable(errors.OpkeeperError):
+    """A result cannot be written with the standard XML-RPC types (the server's side)."""
+
+
+# --- decoding ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MethodCall:
+    """A decoded request."""
+
+    method: str
+    params: tuple[Value, ...]
+
+
+_SCALARS = frozenset({"i4", "int", "boolean", "string", "double", "dateTime.iso8601", "base64"})
+_CONTAINERS = frozenset({"struct", "array"})
+_CHILDREN: dict[str, frozenset[str]] = {
+    "": frozenset({"methodCall"}),
+    "methodCall": frozenset({"methodName", "params"}),
+    "params": frozenset({"param"}),
+    "param": frozenset({"value"}),
+    "value": _SCALARS | _CONTAINERS,
+    "struct": frozenset({"member"}),
+    "member": frozenset({"name", "value"}),
+    "array": frozenset({"data"}),
+    "data": frozenset({"value"}),
+}
+_TEXT_ALLOWED = _SCALARS | {"value", "methodName", "name"}
+_NON_STANDARD = {
+    "i8": "<i8> is not standard XML-RPC; integers must fit 32 bits (<int>)",
+    "nil": "<nil> is not standard XML-RPC; leave the value out instead",
+}
+_METHOD_NAME = re.compile(r"^[A-Za-z0-9_.:/]{1,128}$")
+_INT = re.compile(r"^[+-]?[0-9]+$")
+_DOUBLE = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+_DATETIME = re.compile(
+    r"^(?P<y>[0-9]{4})-?(?P<mo>[0-9]{2})-?(?P<d>[0-9]{2})"
+    r"(?:T(?P<h>[0-9]{2}):?(?P<mi>[0-9]{2}):?(?P<s>[0-9]{2})(?:\.[0-9]+)?"
+    r"(?P<tz>Z|[+-][0-9]{2}:?[0-9]{2})?)?$"
+)
+
+
+def parse_datetime(text: str) -> datetime.datetime:
+    """Parse an XML-RPC ``dateTime.iso8601``, returned as an aware UTC datetime.
+
+    Accepts the classic ``20060101T00:00:00``, the extended
+    ``2006-01-01T00:00:00`` and a bare date (``2006-01-01``, what
+    ``xmlrpc.client.DateTime("2006-01-01")`` sends). Without an offset the
+    value is UTC: the XML-RPC spec names no zone and the cluster runs in UTC.
+    """
+    m = _DATETIME.match(text.strip())
+    if m is None:
+        raise InvalidRequest(
+            f"bad dateTime.iso8601 {text[:40]!r}; expected e.g. 20060101T00:00:00 or 2006-01-01"
+        )
+    tz = datetime.UTC
+    if m["tz"] and m["tz"] != "Z":
+        raw = m["tz"].replace(":", "")
+        delta = datetime.timedelta(hours=int(raw[1:3]), minutes=int(raw[3:5]))
+        tz = datetime.timezone(delta if raw[0] == "+" else -delta)
+    try:
+        value = datetime.datetime(
+            int(m["y"]),
+            int(m["mo"]),
+            int(m["d"]),
+            int(m["h"] or 0),
+            int(m["mi"] or 0),
+            int(m["s"] or 0),
+            tzinfo=tz,
+        )
+    except ValueError as exc:
+        raise InvalidRequest(f"bad dateTime.iso8601 {text[:40]!r}: {exc}") from None
+    return value.astimezone(datetime.UTC)
+
+
+def _scalar(tag: str, text: str) -> Value:
+    if tag in ("int", "i4"):
+        stripped = text.strip()
+        if not _INT.match(stripped):
+            raise InvalidRequest(f"bad <{tag}> value {text[:40]!r}")
+        number = int(stripped)
+        if not I4_MIN <= number <= I4_MAX:
+            raise InvalidRequest(f"<{tag}> value {stripped[:40]} does not fit 32 bits")
+        return number
+    if tag == "boolean":
+        stripped = text.strip()
+        if stripped not in ("0", "1"):
+            raise InvalidRequest(f"bad <boolean> value {text[:40]!r}; expected 0 or 1")
+        return stripped == "1"
+    if tag == "double":
+        stripped = text.strip()
+        if not _DOUBLE.match(stripped):
+            raise InvalidRequest(f"bad <double> value {text[:40]!r}")
+        number_f = float(stripped)
+        if math.isinf(number_f):
+            raise InvalidRequest(f"<double> value {stripped[:40]} is out of range")
+        return number_f
+    if tag == "dateTime.iso8601":
+        return parse_datetime(text)
+    if tag == "base64":
+        try:
+            return base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("bad <base64> value") from None
+    return text  # string
+
+
+@dataclasses.dataclass
+class _Frame:
+    tag: str
+    text: list[str] = dataclasses.field(default_factory=list)
+    value: Value | None = None
+    """The value of a <value>/<param> frame once its child ended."""
+    has_value: bool = False
+    items: list[Value] = dataclasses.field(default_factory=list)
+    members: dict[str, Value] = dataclasses.field(default_factory=dict)
+    name: str | None = None
+
+
+class _Target:
+    """Receives parser events and checks the XML-RPC grammar as they come."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._stack: list[_Frame] = [_Frame(tag="")]
+        self._elements = 0
+        self._depth = 0
+        self.method: str | None = None
+        self.params: list[Value] = []
+        self.done = False
+
+    def start(self, tag: str, attrs: list[str]) -> None:
+        """An element opened (XML-RPC has no attributes: ``attrs`` is ignored)."""
+        self._elements += 1
+        if self._elements > self._limits.max_elements:
+            raise LimitExceeded(f"more than {self._limits.max_elements} XML elements")
+        parent = self._stack[-1]
+        if tag in _NON_STANDARD and parent.tag == "value":
+            raise InvalidRequest(_NON_STANDARD[tag])
+        allowed = _CHILDREN.get(parent.tag, frozenset())
+        if tag not in allowed:
+            where = f"inside <{parent.tag}>" if parent.tag else "as the root element"
+            raise InvalidRequest(f"unexpected element <{tag[:64]}> {where}")
+        if parent.tag == "value" and parent.has_value:
+            raise InvalidRequest("a <value> holds exactly one typed child")
+        if parent.tag == "methodCall" and tag == "methodName" and self.method is not None:
+            raise InvalidRequest("more than one <methodName>")
+        if tag in _CONTAINERS:
+            self._depth += 1
+            if self._depth > self._limits.max_depth:
+                raise LimitExceeded(f"values nested deeper than {self._limits.max_depth}")
+        if parent.tag == "value":
+            parent.has_value = True
+        self._stack.append(_Frame(tag=tag))
+
+    def data(self, text: str) -> None:
+        frame = self._stack[-1]
+        if frame.tag in _TEXT_ALLOWED:
+            frame.text.append(text)
+        elif text.strip():
+            raise InvalidRequest(f"unexpected text inside <{frame.tag}>")
+
+    def end(self, tag: str) -> None:
+        frame = self._stack.pop()
+        parent = self._stack[-1]
+        if tag in _SCALARS:
+            self._give(parent, _scalar(tag, "".join(frame.text)))
+        elif tag == "value":
+            if frame.has_value:
+                if frame.value is None:  # pragma: no cover - the grammar guarantees a child
+                    raise InvalidRequest("empty <value>")
+                if "".join(frame.text).strip():
+                    raise InvalidRequest("text next to a typed value")
+                self._give(parent, frame.value)
+            else:
+                self._give(parent, "".join(frame.text))  # untyped <value> is a string
+        elif tag == "struct":
+            self._depth -= 1
+            self._give(parent, frame.members)
+        elif tag == "array":
+            self._depth -= 1
+            if frame.value is None:
+                raise InvalidRequest("<array> needs a <data> element")
+            self._give(parent, frame.value)
+        elif tag == "data":
+            if parent.value is not None:
+                raise InvalidRequest("<array> holds exactly one <data>")
+            parent.value = frame.items
+        elif tag == "name":
+            if parent.name is not None:
+                raise InvalidRequest("a <member> holds exactly one <name>")
+            parent.name = "".join(frame.text)
+        elif tag == "member":
+            if frame.name is None or not frame.has_value or frame.value is None:
+                raise InvalidRequest("a <member> needs a <name> and a <value>")
+            if frame.name in parent.members:
+                raise InvalidRequest(f"duplicate struct member {frame.name[:64]!r}")
+            parent.members[frame.name] = frame.value
+        elif tag == "param":
+            if frame.value is None:
+                raise InvalidRequest("a <param> needs a <value>")
+            self.params.append(frame.value)
+        elif tag == "methodName":
+            name = "".join(frame.text).strip()
+            if not _METHOD_NAME.match(name):
+                raise InvalidRequest(f"bad method name {name[:64]!r}")
+            self.method = name
+        elif tag == "methodCall":
+            self.done = True
+
+    def _give(self, parent: _Frame, value: Value) -> None:
+        if parent.tag == "data":
+            parent.items.append(value)
+        elif parent.tag in ("value", "member", "param"):
+            if parent.tag != "value" and parent.has_value:
+                raise InvalidRequest(f"a <{parent.tag}> holds exactly one <value>")
+            parent.value = value
+            parent.has_value = True
+        else:  # pragma: no cover - the grammar only nests values in these
+            raise InvalidRequest(f"a value cannot appear inside <{parent.tag}>")
+
+    def close(self) -> None:
+        """Called by the parser at the end; nothing to release."""
+
+
+def decode_call(body: bytes, *, limits: Limits = DEFAULT_LIMITS) -> MethodCall:
+    """Decode a ``methodCall`` body, or raise a :class:`CodecError`."""
+    if len(body) > limits.max_body_bytes:
+        raise BodyTooLarge(f"request body larger than {limits.max_body_bytes} bytes")
+    target = _Target(limits)
+    parser = defusedxml.ElementTree.DefusedXMLParser(
+        target=target, forbid_dtd=True, forbid_entities=True, forbid_external=True
+    )
+    # Element events straight from expat to the target: ElementTree's own wrappers only
+    # rebuild names and attribute dicts we do not use, and cost a third of the parse.
+    # defusedxml's DTD and entity handlers stay installed on the same expat parser.
+    parser.parser.StartElementHandler = target.start
+    parser.parser.EndElementHandler = target.end
+    try:
+        parser.feed(body)
+        parser.close()
+    except defusedxml.DefusedXmlException as exc:
+        raise ForbiddenXml(
+            f"DTDs, entity declarations and external references are refused ({type(exc).__name__})"
+        ) from None
+    except defusedxml.ElementTree.ParseError as exc:
+        raise MalformedXml(f"not well-formed XML: {exc}") from None
+    if not target.done or target.method is None:
+        raise InvalidRequest("a methodCall needs a <methodName>")
+    return MethodCall(method=target.method, params=tuple(target.params))
+
+
+# --- encoding ------------------------------------------------------------------
+
+_XML_FORBIDDEN = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"})
+_ENCODE_MAX_DEPTH = 64
+
+
+def format_datetime(value: datetime.datetime) -> str:
+    """Write a datetime as ``YYYYMMDDTHH:MM:SS`` in UTC (naive values are taken as UTC)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(datetime.UTC)
+    return value.strftime("%Y%m%dT%H:%M:%S")
+
+
+_PLAIN = re.compile(r"^[\w .:@/+=,;()\[\]{}'\"!?*#%$^|~`-]*\Z", re.ASCII)
+"""Strings that need neither escaping nor checking (most names, types and states)."""
+
+
+def _escape(text: str) -> str:
+    if _PLAIN.match(text):
+        return text
+    bad = _XML_FORBIDDEN.search(text)
+    if bad is not None:
+        raise NotRepresentable(
+            f"the result holds the character U+{ord(bad.group()):04X}, which XML 1.0 forbids"
+        )
+    return text.translate(_ESCAPES)
+
+
+def _encode(value: Any, out: list[str], depth: int) -> None:
+    if depth > _ENCODE_MAX_DEPTH:
+        raise NotRepresentable(f"the result is nested deeper than {_ENCODE_MAX_DEPTH}")
+    # Exact-type fast paths for the common leaves (answers are mostly strings and small
+    # ints); subclasses such as StrEnum and bool take the general path below.
+    kind = type(value)
+    if kind is str:
+        out.append(f"<value><string>{_escape(value)}</string></value>")
+        return
+    if kind is int and I4_MIN <= value <= I4_MAX:
+        out.append(f"<value><int>{value}</int></value>")
+        return
+    # Ordered by how often each type occurs in answers; bool before int (a subclass).
+    if isinstance(value, str):
+        out.append(f"<value><string>{_escape(value)}</string></value>")
+    elif isinstance(value, bool):
+        out.append(f"<value><boolean>{int(value)}</boolean></value>")
+    elif isinstance(value, int):
+        if not I4_MIN <= value <= I4_MAX:
+            raise NotRepresentable(
+                f"the integer {value} does not fit the 32-bit XML-RPC <int> (<i8> is not standard)"
+            )
+        out.append(f"<value><int>{value}</int></value>")
+    elif isinstance(value, dict):
+        out.append("<value><struct>")
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise NotRepresentable(f"struct member names must be strings, not {key!r}")
+            out.append(f"<member><name>{_escape(key)}</name>")
+            _encode(item, out, depth + 1)
+            out.append("</member>")
+        out.append("</struct></value>")
+    elif isinstance(value, list | tuple):
+        out.append("<value><array><data>")
+        for item in value:
+            _encode(item, out, depth + 1)
+        out.append("</data></array></value>")
+    elif isinstance(value, datetime.datetime):
+        out.append(f"<value><dateTime.iso8601>{format_datetime(value)}</dateTime.iso8601></value>")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise NotRepresentable(f"the double {value} has no XML-RPC form")
+        out.append(f"<value><double>{value!r}</double></value>")
+    elif isinstance(value, bytes | bytearray):
+        out.append(f"<value><base64>{base64.b64encode(value).decode('ascii')}</base64></value>")
+    elif value is None:
+        raise NotRepresentable("the result holds a null, which standard XML-RPC has no type for")
+    else:
+        raise NotRepresentable(f"no XML-RPC type for {type(value).__name__}")
+
+
+_HEAD = "<?xml version='1.0' encoding='UTF-8'?>\n"
+
+
+def encode_response(value: Any) -> bytes:
+    """A ``methodResponse`` carrying ``value``; raises :class:`NotRepresentable`."""
+    out = [_HEAD, "<methodResponse><params><param>"]
+    _encode(value, out, 0)
+    out.append("</param></params></methodResponse>\n")
+    return "".join(out).encode("utf-8")
+
+
+def encode_fault(*, code: int, message: str) -> bytes:
+    """A ``methodResponse`` fault; characters XML cannot carry are replaced, never raised."""
+    safe = _XML_FORBIDDEN.sub("\ufffd", message)
+    out = [_HEAD, "<methodResponse><fault>"]
+    _encode({"faultCode": code, "faultString": safe}, out, 0)
+    out.append("</fault></methodResponse>\n")
+    return "".join(out).encode("utf-8")

@@ -1,0 +1,78 @@
+"""Pure parts of the controller: merge patches, the work queue, builtin progress."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+from opkeeper import models, states
+from opkeeper.controller.operations import merge_diff
+from opkeeper.controller.workqueue import WorkQueue
+from opkeeper.executors import base, builtin
+
+
+def test_merge_diff_is_an_rfc7386_patch() -> None:
+    old = {"a": 1, "b": {"x": 1, "y": 2}, "c": [1], "gone": True}
+    new = {"a": 1, "b": {"x": 1, "z": 3}, "c": [1, 2], "new": "n"}
+    assert merge_diff(old, new) == {"b": {"y": None, "z": 3}, "c": [1, 2], "gone": None, "new": "n"}
+    assert merge_diff(new, new) == {}
+
+
+def test_workqueue_serialises_a_key_and_reruns_it_after_a_change() -> None:
+    async def scenario() -> list[str]:
+        seen: list[str] = []
+        gate, started, three = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def handler(key: str) -> None:
+            seen.append(key)
+            started.set()
+            if len(seen) == 1:
+                await gate.wait()
+            if len(seen) == 3:
+                three.set()
+
+        queue = WorkQueue(handler, workers=4)
+        queue.start()
+        queue.add("a")
+        await started.wait()
+        queue.add("a")  # while "a" runs: once more afterwards, not concurrently
+        queue.add("a")
+        gate.set()
+        loop = asyncio.get_running_loop()
+        queue.schedule("b", loop.time() + 0.05)
+        queue.schedule("c", loop.time() + 0.01)
+        queue.schedule("c", None)  # cancelled
+        await asyncio.wait_for(three.wait(), 5)
+        await queue.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == ["a", "a", "b"]
+
+
+def test_sleep_progress_steps_are_computed_from_started_at() -> None:
+    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    op = models.Operation.model_validate(
+        {
+            "metadata": {"name": "s", "namespace": "n", "uid": "u"},
+            "spec": {
+                "type": "t",
+                "executor": {"builtin": {"action": "sleep", "seconds": 4, "progressSteps": 3}},
+            },
+            "status": {"startedAt": start.isoformat()},
+        }
+    )
+
+    def poll(after: float) -> base.Outcome:
+        ctx = base.Context(
+            op=op, body=op.metadata, id=1, attempt=0, now=start + datetime.timedelta(seconds=after)
+        )
+        return asyncio.run(builtin.BuiltinExecutor().poll(ctx))
+
+    early, middle, end = poll(0.5), poll(2.1), poll(4.0)
+    assert isinstance(early, base.Running)
+    assert early.progress == 0
+    assert isinstance(middle, base.Running)
+    assert middle.progress == 50
+    assert middle.wake_at == start + datetime.timedelta(seconds=3)
+    assert isinstance(end, base.Finished)
+    assert end.event is states.Event.SUCCEED

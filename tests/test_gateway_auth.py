@@ -1,0 +1,182 @@
+"""API keys from Secrets and login sessions."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+import pytest
+
+from opkeeper import errors
+from opkeeper.gateway import auth
+
+
+def secret(
+    *,
+    key: str,
+    name: str = "k1",
+    namespace: str = "opkeeper-system",
+    user: str = "alice",
+    tenant: str = "team-a",
+    labelled: bool = True,
+) -> dict[str, Any]:
+    """A Secret as the API server returns it (stringData turned into base64 data)."""
+    manifest = auth.key_secret(name=name, namespace=namespace, key=key, user_id=user, tenant=tenant)
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in manifest["stringData"].items()}
+    meta = dict(manifest["metadata"])
+    if not labelled:
+        meta["labels"] = {}
+    return {"metadata": meta, "data": data}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    key: str, *, namespace: str | None = "opkeeper-system", **kw: Any
+) -> tuple[auth.KeyRing, auth.Sessions, Clock]:
+    ring = auth.KeyRing(settings=auth.KeyRingSettings(namespace=namespace))
+    ring.apply(event="ADDED", obj=secret(key=key, **kw))
+    clock = Clock()
+    sessions = auth.Sessions(
+        keyring=ring, settings=auth.SessionSettings(ttl_seconds=60, max_per_key=3), clock=clock
+    )
+    return ring, sessions, clock
+
+
+def test_the_secret_stores_a_hash_not_the_key() -> None:
+    key = auth.new_key()
+    manifest = auth.key_secret(name="k", namespace="ns", key=key, user_id="u", tenant="t")
+    assert key not in repr(manifest)
+    assert manifest["stringData"]["keyHash"] == auth.hash_key(key)
+    assert manifest["metadata"]["labels"][auth.LABEL]
+
+
+def test_keys_are_random_and_long() -> None:
+    keys = {auth.new_key() for _ in range(100)}
+    assert len(keys) == 100
+    assert all(len(k) > 40 for k in keys)
+
+
+def test_login_and_resolve() -> None:
+    key = auth.new_key()
+    _, sessions, _ = make(key)
+    token = sessions.login(key)
+    assert key not in token
+    who = sessions.resolve(token)
+    assert (who.user_id, who.tenant) == ("alice", "team-a")
+
+
+def test_unknown_key_and_session() -> None:
+    _, sessions, _ = make(auth.new_key())
+    with pytest.raises(errors.Unauthenticated, match="unknown API key"):
+        sessions.login("opk_wrong")
+    with pytest.raises(errors.Unauthenticated, match="unknown session"):
+        sessions.resolve("nope")
+
+
+def test_sessions_expire() -> None:
+    key = auth.new_key()
+    _, sessions, clock = make(key)
+    token = sessions.login(key)
+    clock.now += 59
+    sessions.resolve(token)
+    clock.now += 1
+    with pytest.raises(errors.Unauthenticated, match="expired"):
+        sessions.resolve(token)
+
+
+def test_deleting_or_rotating_the_key_kills_its_sessions() -> None:
+    key = auth.new_key()
+    ring, sessions, _ = make(key)
+    token = sessions.login(key)
+    rotated = auth.new_key()
+    ring.apply(event="MODIFIED", obj=secret(key=rotated))
+    with pytest.raises(errors.Unauthenticated, match="revoked"):
+        sessions.resolve(token)
+    with pytest.raises(errors.Unauthenticated):
+        sessions.login(key)
+    token = sessions.login(rotated)
+    ring.apply(event="DELETED", obj=secret(key=rotated))
+    with pytest.raises(errors.Unauthenticated, match="revoked"):
+        sessions.resolve(token)
+
+
+def test_sessions_per_key_are_bounded() -> None:
+    key = auth.new_key()
+    _, sessions, _ = make(key)
+    tokens = [sessions.login(key) for _ in range(5)]
+    assert len(sessions) == 3
+    for token in tokens[:2]:
+        with pytest.raises(errors.Unauthenticated):
+            sessions.resolve(token)
+    for token in tokens[2:]:
+        sessions.resolve(token)
+
+
+def test_only_the_key_namespace_counts() -> None:
+    key = auth.new_key()
+    ring = auth.KeyRing(settings=auth.KeyRingSettings(namespace="opkeeper-system"))
+    ring.apply(event="ADDED", obj=secret(key=key, namespace="team-a"))
+    ring.apply(event="ADDED", obj=secret(key=key, name="unlabelled", labelled=False))
+    with pytest.raises(errors.Unauthenticated):
+        ring.lookup(key)
+
+
+def test_cluster_wide_keys_grant_only_their_own_namespace() -> None:
+    key = auth.new_key()
+    ring = auth.KeyRing(settings=auth.KeyRingSettings(namespace=None))
+    ring.apply(event="ADDED", obj=secret(key=key, namespace="team-b", tenant="team-a"))
+    with pytest.raises(errors.Unauthenticated):
+        ring.lookup(key)
+    ring.apply(event="ADDED", obj=secret(key=key, namespace="team-a", tenant="team-a"))
+    assert ring.lookup(key).tenant == "team-a"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {},
+        {"keyHash": "plain-text-key", "userId": "u", "namespace": "t"},
+        {"keyHash": "sha256:" + "0" * 64, "userId": "", "namespace": "t"},
+        {"keyHash": "sha256:" + "0" * 64, "userId": "u", "namespace": "Not_A_Name"},
+    ],
+)
+def test_malformed_secrets_are_ignored(data: dict[str, str]) -> None:
+    ring = auth.KeyRing(settings=auth.KeyRingSettings())
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    ring.apply(
+        event="ADDED",
+        obj={
+            "metadata": {"name": "x", "namespace": "opkeeper-system", "labels": {auth.LABEL: "1"}},
+            "data": encoded,
+        },
+    )
+    assert len(ring) == 0
+
+
+def test_reset_replaces_everything() -> None:
+    old, new = auth.new_key(), auth.new_key()
+    ring, _, _ = make(old)
+    ring.reset([secret(key=new, name="k2")])
+    with pytest.raises(errors.Unauthenticated):
+        ring.lookup(old)
+    assert ring.lookup(new).user_id == "alice"
+
+
+def test_keys_never_reach_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    key = auth.new_key()
+    ring, sessions, _ = make(key)
+    token = sessions.login(key)
+    ring.apply(event="ADDED", obj=secret(key=key, name="bad", tenant="Bad_Name"))
+    with pytest.raises(errors.Unauthenticated):
+        sessions.login(key + "x")
+    assert key not in caplog.text
+    assert token not in caplog.text

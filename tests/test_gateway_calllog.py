@@ -1,0 +1,179 @@
+"""The SQLite call log: gapless per-tenant serials under concurrency, paging, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import pathlib
+import threading
+
+from opkeeper.gateway import calllog
+
+UTC = datetime.UTC
+
+
+async def _open(path: pathlib.Path, **kw: int) -> calllog.SqliteCallLog:
+    store = calllog.SqliteCallLog(settings=calllog.SqliteSettings(path=str(path), **kw))
+    await store.open()
+    return store
+
+
+def test_serials_are_gapless_per_tenant_under_concurrency(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        store = await _open(tmp_path / "log.sqlite3", batch_max=7)
+        try:
+            results = await asyncio.gather(
+                *(
+                    store.append(
+                        tenant=f"t{i % 3}", method="m", args_json=f'["{i}"]', result_json="1"
+                    )
+                    for i in range(600)
+                )
+            )
+            for t in range(3):
+                serials = sorted(s for i, s in enumerate(results) if i % 3 == t)
+                assert serials == list(range(1, 201))
+                entries = await store.since(tenant=f"t{t}", serial=0, limit=1000)
+                assert [e.serial for e in entries] == list(range(1, 201))
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_walking_with_pages_while_writing_never_skips(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        store = await _open(tmp_path / "log.sqlite3")
+        seen: list[int] = []
+        done = asyncio.Event()
+
+        async def writer() -> None:
+            for i in range(300):
+                await store.append(tenant="t", method="m", args_json=str(i), result_json="")
+            done.set()
+
+        async def reader() -> None:
+            last = 0
+            while True:
+                finished = done.is_set()
+                page = await store.since(tenant="t", serial=last, limit=17)
+                for entry in page:
+                    seen.append(entry.serial)
+                    last = entry.serial
+                if finished and not page:
+                    return
+                await asyncio.sleep(0)
+
+        try:
+            await asyncio.gather(writer(), reader())
+        finally:
+            await store.close()
+        assert seen == list(range(1, 301))
+
+    asyncio.run(main())
+
+
+def test_latest_is_oldest_first_and_entries_keep_their_fields(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        store = await _open(tmp_path / "log.sqlite3")
+        when = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+        try:
+            for i in range(15):
+                await store.append(
+                    tenant="t",
+                    method=f"m{i}",
+                    args_json='{"args": []}',
+                    result_json="[]",
+                    exception="" if i else "404: gone",
+                    address="127.0.0.1",
+                    when=when,
+                )
+            latest = await store.latest(tenant="t", n=10)
+            assert [e.serial for e in latest] == list(range(6, 16))
+            first = (await store.since(tenant="t", serial=0, limit=1))[0]
+            assert first == calllog.Entry(
+                serial=calllog.Serial(1),
+                timestamp=when,
+                method="m0",
+                args_json='{"args": []}',
+                result_json="[]",
+                exception="404: gone",
+                address="127.0.0.1",
+            )
+            assert await store.latest(tenant="other", n=10) == []
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_purge_keeps_the_counter(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        store = await _open(tmp_path / "log.sqlite3")
+        old = datetime.datetime.now(UTC) - datetime.timedelta(days=31)
+        try:
+            await store.append(tenant="t", method="m", args_json="", result_json="", when=old)
+            await store.append(tenant="t", method="m", args_json="", result_json="")
+            cutoff = datetime.datetime.now(UTC) - calllog.RETENTION
+            assert await store.purge(older_than=cutoff) == 1
+            serial = await store.append(tenant="t", method="m", args_json="", result_json="")
+            assert serial == 3
+            assert [e.serial for e in await store.since(tenant="t", serial=0, limit=10)] == [2, 3]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_survives_a_restart(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "log.sqlite3"
+        store = await _open(path)
+        await store.append(tenant="t", method="m", args_json="", result_json="")
+        await store.close()
+        store = await _open(path)
+        try:
+            assert await store.append(tenant="t", method="m", args_json="", result_json="") == 2
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_the_event_loop_never_waits_on_sqlite(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        store = await _open(tmp_path / "log.sqlite3")
+        loop_thread = threading.get_ident()
+        touched: set[int] = set()
+        original = store._write_batch
+
+        def spy(rows: list[calllog._Row]) -> list[calllog.Serial]:
+            touched.add(threading.get_ident())
+            return original(rows)
+
+        store._write_batch = spy  # type: ignore[method-assign]
+        try:
+            await store.append(tenant="t", method="m", args_json="", result_json="")
+        finally:
+            await store.close()
+        assert touched
+        assert loop_thread not in touched
+
+    asyncio.run(main())
+
+
+def test_close_flushes_queued_appends(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "log.sqlite3"
+        store = await _open(path)
+        pending = [
+            asyncio.ensure_future(
+                store.append(tenant="t", method="m", args_json="", result_json="")
+            )
+            for _ in range(50)
+        ]
+        await asyncio.sleep(0)
+        await store.close()
+        assert sorted(await asyncio.gather(*pending)) == list(range(1, 51))
+
+    asyncio.run(main())
