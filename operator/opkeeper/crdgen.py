@@ -87,10 +87,10 @@ KINDS: Sequence[Kind] = (
         description=models.ScheduledTask.__doc__ or "",
         columns=(
             _column("ID", "integer", ".status.id"),
-            _column("ExecAt", "date", ".spec.execAt"),
+            _column("ExecAt", "string", ".spec.execAt"),
             _column("Schedule", "string", ".spec.schedule"),
             _column("State", "string", ".status.state"),
-            _column("Next Run", "date", ".status.nextRunAt"),
+            _column("Next Run", "string", ".status.nextRunAt"),
             _column("Last Operation", "string", ".status.lastOperation"),
         ),
     ),
