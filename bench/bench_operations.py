@@ -20,7 +20,8 @@ Measures, against a real kube-apiserver + etcd on this machine:
 With --profile PATH the controller runs under cProfile (timer: the main
 thread's CPU time, so waiting costs nothing), switched on for the
 throughput run only; PATH gets the top functions by cumulative and by own
-CPU time as text, PATH.prof the raw stats (for pstats/snakeviz). Profiling
+CPU time as text; the raw stats (for pstats/snakeviz) go to the temporary
+directory, <name>-controller.prof, not next to the results. Profiling
 slows the controller down: take the throughput figures from a run without it.
 
 The controller runs as a real ``opkeeper controller`` subprocess. Without
@@ -319,6 +320,10 @@ def profile_summary(raw: pathlib.Path, *, top: int = 60) -> str:
     return text
 
 
+def raw_profile_path(args: argparse.Namespace) -> pathlib.Path:
+    return pathlib.Path(tempfile.gettempdir()) / f"{args.name}-controller.prof"
+
+
 def machine(server_version: str) -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
@@ -418,7 +423,7 @@ async def bench(
         for namespace in (THROUGHPUT_NS, LATENCY_NS):
             await ensure_namespace(client, namespace)
         log = pathlib.Path(tempfile.gettempdir()) / f"{args.name}-controller.log"
-        raw_profile = pathlib.Path(f"{args.profile}.prof") if args.profile else None
+        raw_profile = raw_profile_path(args) if args.profile else None
         with controller(kubeconfig, events=args.events, log=log, profile=raw_profile) as pid:
             # Warm-up: the controller is up and has reserved its first id block.
             await run_batch(client, namespace=LATENCY_NS, n=5, rate=None, workers=5, prefix="warm")
@@ -443,6 +448,7 @@ async def bench(
             print(f"  {throughput}", flush=True)
             print(f"  CPU: {throughput_cpu}", flush=True)
             print(f"latency at {args.rate}/s offered ...", flush=True)
+            meter.start()
             latency = await run_batch(
                 client,
                 namespace=LATENCY_NS,
@@ -451,7 +457,9 @@ async def bench(
                 rate=args.rate,
                 workers=args.workers,
             )
+            latency_cpu = meter.stop()
             print(f"  {latency}", flush=True)
+            print(f"  CPU: {latency_cpu}", flush=True)
             rss = peak_rss_mib(pid)
     finally:
         await client.close()
@@ -482,6 +490,13 @@ async def bench(
             "cpu_ms_per_operation": {
                 name: round(1000 * seconds / args.n, 2)
                 for name, seconds in throughput_cpu["cpu_s"].items()
+            },
+        },
+        "latency_run_cpu": {
+            **latency_cpu,
+            "cpu_ms_per_operation": {
+                name: round(1000 * seconds / args.latency_n, 2)
+                for name, seconds in latency_cpu["cpu_s"].items()
             },
         },
         "profiled": bool(args.profile),
@@ -527,6 +542,17 @@ def markdown(report: dict[str, Any]) -> str:
             "CPU ms per operation in the throughput run, by process",
             ", ".join(f"{k} {v}" for k, v in usage["cpu_ms_per_operation"].items()),
         ),
+        (
+            f"cores busy in the {lat['offered_rate']}/s run: these processes / whole machine",
+            f"{report['latency_run_cpu']['cores_busy']}"
+            f" / {report['latency_run_cpu']['machine_cores_busy']}",
+        ),
+        (
+            f"CPU ms per operation in the {lat['offered_rate']}/s run, by process",
+            ", ".join(
+                f"{k} {v}" for k, v in report["latency_run_cpu"]["cpu_ms_per_operation"].items()
+            ),
+        ),
     ]
     lines = [
         "# Controller benchmark: builtin-noop Operations",
@@ -570,8 +596,7 @@ def main() -> int:
     parser.add_argument(
         "--profile",
         metavar="PATH",
-        help="profile the controller during the throughput run: summary to PATH,"
-        " raw cProfile stats to PATH.prof",
+        help="profile the controller during the throughput run: summary to PATH",
     )
     args = parser.parse_args()
     out = pathlib.Path(args.out)
@@ -583,9 +608,9 @@ def main() -> int:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
     if args.profile:
-        summary = profile_summary(pathlib.Path(f"{args.profile}.prof"))
-        pathlib.Path(args.profile).write_text(summary)
-        print(f"profile: {args.profile} (raw: {args.profile}.prof)")
+        raw = raw_profile_path(args)
+        pathlib.Path(args.profile).write_text(profile_summary(raw))
+        print(f"profile: {args.profile} (raw: {raw})")
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))

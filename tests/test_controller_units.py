@@ -1,11 +1,18 @@
-"""Pure parts of the controller: merge patches, the work queue, builtin progress."""
+"""Pure parts of the controller: merge patches, the work queue, builtin progress,
+kopf's diff-base storage."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
+from typing import Any, cast
+
+import kopf
+import pytest
 
 from opkeeper import models, states
+from opkeeper.controller import STORAGE_PREFIX, DiffBaseStorage
 from opkeeper.controller.operations import merge_diff
 from opkeeper.controller.workqueue import WorkQueue
 from opkeeper.executors import base, builtin
@@ -76,3 +83,59 @@ def test_sleep_progress_steps_are_computed_from_started_at() -> None:
     assert middle.wake_at == start + datetime.timedelta(seconds=3)
     assert isinstance(end, base.Finished)
     assert end.event is states.Event.SUCCEED
+
+
+def _operation_body(**metadata: Any) -> dict[str, Any]:
+    """An Operation as the API server returns it after the controller finished it."""
+    return {
+        "apiVersion": "opkeeper.dev/v1alpha1",
+        "kind": "Operation",
+        "metadata": {
+            "name": "op",
+            "namespace": "ns",
+            "uid": "u-1",
+            "resourceVersion": "7",
+            "generation": 1,
+            "managedFields": [{"manager": "opkeeper", "fieldsV1": {"f:spec": {".": {}}}}],
+            **metadata,
+        },
+        "spec": {"type": "t", "executor": {"builtin": {"action": "noop"}}, "params": {"a": [1]}},
+        "status": {"state": "Succeeded", "conditions": [{"type": "Succeeded", "status": "True"}]},
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _operation_body(),
+        _operation_body(labels={"opkeeper.dev/id": "1"}),
+        _operation_body(labels={}, annotations={}),
+        _operation_body(labels=None),
+        _operation_body(
+            annotations={
+                "opkeeper.dev/kopf-managed": "yes",
+                "opkeeper.dev/last-handled-configuration": '{"spec": {"type": "old"}}',
+                "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                "example.com/note": "kept",
+            }
+        ),
+        _operation_body(ownerReferences=[{"kind": "ScheduledTask", "name": "st"}]),
+        {"kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}},
+        {"metadata": {}},
+    ],
+)
+@pytest.mark.parametrize("extra_fields", [None, [], ["status.state"], ["metadata.uid"]])
+def test_diffbase_storage_matches_kopfs_own(
+    body: dict[str, Any], extra_fields: list[str] | None
+) -> None:
+    """The fast path computes exactly the essence (and stored essence) kopf computes."""
+    ours = DiffBaseStorage(prefix=STORAGE_PREFIX, key="last-handled-configuration")
+    kopfs = kopf.AnnotationsDiffBaseStorage(prefix=STORAGE_PREFIX, key="last-handled-configuration")
+    before = copy.deepcopy(body)
+    view = kopf.Body(cast(kopf.RawBody, body))
+    essence = ours.build(body=view, extra_fields=extra_fields)
+    assert essence == kopfs.build(body=view, extra_fields=extra_fields)
+    assert ours.fetch(body=view) == kopfs.fetch(body=view)
+    assert body == before  # the event body is not touched ...
+    for value in essence.values():  # ... and the essence shares nothing with it
+        assert all(value is not v for v in body.values())

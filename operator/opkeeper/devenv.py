@@ -164,8 +164,16 @@ def up(settings: DevSettings) -> int:
         [opkeeper, "controller", "--all-namespaces", "--metrics-port", str(settings.metrics_port)],
         env=env,
     )
+    gateway = [opkeeper, "gateway", "--host", "127.0.0.1", "--port", str(settings.gateway_port)]
     GATEWAY.start(
-        [opkeeper, "gateway", "--host", "127.0.0.1", "--port", str(settings.gateway_port)], env=env
+        [
+            *gateway,
+            "--call-log",
+            str((STATE_DIR / "calllog.sqlite3").resolve()),
+            "--key-namespace",
+            "*",
+        ],
+        env=env,
     )
     with contextlib.suppress(subprocess.CalledProcessError):
         _kubectl(kubeconfig, "create", "namespace", DEMO_NAMESPACE)
@@ -180,6 +188,10 @@ def up(settings: DevSettings) -> int:
         input=_demo_manifests(settings),
     )
     _watch_progress(kubeconfig, settings)
+    demo = subprocess.run(
+        [*gateway, "--demo-key", DEMO_NAMESPACE], env=env, capture_output=True, text=True
+    )
+    print(demo.stdout if demo.returncode == 0 else f"demo API key failed:\n{demo.stderr}")
     print(
         f"\nThe control plane, controller and gateway keep running (`make dev-down` stops them).\n"
         f"  export KUBECONFIG={kubeconfig.resolve()}\n"

@@ -488,14 +488,8 @@ class LocalCluster:
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in reversed(self._procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop_process(proc.pid)
+            proc.wait()
         self._procs.clear()
 
 
@@ -568,6 +562,35 @@ def running(state_dir: pathlib.Path) -> dict[str, object] | None:
     return state
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs; reaps it if it is our own exited child (a zombie)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_process(pid: int, *, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds.
+
+    Processes are stopped one at a time, kube-apiserver before etcd: an API
+    server whose etcd vanished first can hang in its graceful shutdown.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.05)  # waiting for a process to exit
+
+
 def down(state_dir: pathlib.Path) -> bool:
     """Stop a detached cluster; True if one was running."""
     state = running(state_dir)
@@ -576,16 +599,7 @@ def down(state_dir: pathlib.Path) -> bool:
     pids = state["pids"]
     assert isinstance(pids, list)
     for pid in reversed(pids):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)  # waiting for a process to exit
+        _stop_process(int(pid))
     (state_dir / "state.json").unlink(missing_ok=True)
     return True
 

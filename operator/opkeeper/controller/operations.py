@@ -700,6 +700,8 @@ class Reconciler:
             # Progress only, too soon after the last write: fold it into a later one.
             plan.wake(plan.now + datetime.timedelta(seconds=due - loop_now))
             diff = {}
+        # The status we answer for: what we wrote, or else what we read and accepted.
+        ours: Mapping[str, Any] = body.get("status") or {}
         if diff or plan.warnings:
             plan.status.updated_at = plan.now
             body = await self._client.patch(
@@ -712,6 +714,7 @@ class Reconciler:
                     "status": merge_diff(old, plan.status.to_k8s()),
                 },
             )
+            ours = body.get("status") or {}
             self._last_write[uid] = loop_now
             self._after_write(plan, body)
         assert plan.status.id is not None
@@ -722,11 +725,16 @@ class Reconciler:
                 name=meta["name"],
                 body={"metadata": {"labels": {ids.LABEL: str(plan.status.id)}}},
             )
+            if (body.get("status") or {}) != ours:
+                # Someone wrote the status between our two patches. The label patch's
+                # answer carries their write, and its watch events are now stale: judge
+                # it in another reconcile instead of taking it as ours.
+                self.queue.add(uid)
         if body is not plan.body:
             self._remember(body)
             # The echo of our own write is dropped as stale: tell the dependents now.
             self._wake_dependents((meta["namespace"], meta["name"]))
-            written = models.OperationStatus.model_validate(body.get("status") or {}).to_k8s()
+            written = models.OperationStatus.model_validate(ours).to_k8s()
             self._owned[uid] = _owned(written)
             self._reported[uid] = _reports(written)
 
