@@ -142,10 +142,8 @@ async def _gateway_main(
         started = time.perf_counter()
         if kubeconfig is None:
             # No feeds: the cache is filled here, with the same reset a watch SYNC does.
-            gateway.operations.reset(
-                (synthetic(i) for i in range(1, size + 1)), resource_version="1"
-            )
-            gateway.tasks.reset([], resource_version="1")
+            gateway.operations.reset(synthetic(i) for i in range(1, size + 1))
+            gateway.tasks.reset([])
             for event in gateway.synced.values():
                 event.set()
         else:
@@ -163,6 +161,53 @@ async def _gateway_main(
             assert message == "cpu"
             conn.send(time.process_time())
         conn.send({"peak_rss_bytes": peak_rss_bytes()})
+
+
+def baseline_process(conn: multiprocessing.connection.Connection) -> None:
+    """An aiohttp app that answers every POST with a fixed XML-RPC response: the ceiling
+    of HTTP alone on this machine, measured the same way, for context."""
+    from aiohttp import web
+
+    answer = xmlrpc.client.dumps(({"id": 1, "state": "DONE"},), methodresponse=True).encode()
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=answer, content_type="text/xml")
+
+    async def main() -> None:
+        app = web.Application()
+        app.add_routes([web.post("/xmlrpc", handler)])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host="127.0.0.1", port=0)
+        await site.start()
+        conn.send(runner.addresses[0][1])
+        loop = asyncio.get_running_loop()
+        while await loop.run_in_executor(None, conn.recv) == "cpu":
+            conn.send(time.process_time())
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+async def baseline(*, duration: float, concurrency: int) -> dict[str, float]:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=baseline_process, args=(child,))
+    process.start()
+    port = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
+    body = xmlrpc.client.dumps(("s", 1), "operation_details").encode()
+    loop = asyncio.get_running_loop()
+    parent.send("cpu")
+    cpu_before = await loop.run_in_executor(None, parent.recv)
+    result = await load(
+        f"http://127.0.0.1:{port}/xmlrpc", [body], duration=duration, concurrency=concurrency
+    )
+    parent.send("cpu")
+    cpu_used = await loop.run_in_executor(None, parent.recv) - cpu_before
+    parent.send("stop")
+    process.join(30)
+    return {**result.summary(), "server_cpu_us_per_call": round(cpu_used / result.requests * 1e6)}
 
 
 # --- the load generator -----------------------------------------------------------------
@@ -265,6 +310,7 @@ async def bench_size(
         cpu_before = await cpu()
         details_result = await load(url, details, duration=duration, concurrency=concurrency)
         details_cpu_us = (await cpu() - cpu_before) / details_result.requests * 1e6
+        http_only = await baseline(duration=duration, concurrency=concurrency)
         cpu_before = await cpu()
         list_result = await load(
             url, list_bodies(session), duration=duration, concurrency=list_concurrency
@@ -285,6 +331,7 @@ async def bench_size(
         "list": {**list_result.summary(), "gateway_cpu_us_per_call": round(list_cpu_us)},
         "list_one_client": list_serial.summary(),
         "peak_rss_mib": round(rss["peak_rss_bytes"] / 2**20, 1),
+        "http_only": http_only,
     }
 
 
@@ -305,6 +352,8 @@ async def create_operations(kubeconfig: str, size: int) -> float:
             while not queue.empty():
                 obj = synthetic(queue.get_nowait())
                 status = obj.pop("status")
+                for server_owned in ("uid", "resourceVersion", "creationTimestamp"):
+                    del obj["metadata"][server_owned]
                 created = await client.create(kube.OPERATIONS, obj, namespace=NAMESPACE)
                 await client.patch(
                     kube.OPERATIONS,
@@ -357,8 +406,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| operations | cache fill | details clients | details req/s | details p50 ms"
         " | details p99 ms | list clients | list req/s | list p50 ms | list p99 ms"
-        " | list p99 ms (1 client) | gateway CPU µs per details / list call | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | list p99 ms (1 client) | gateway CPU µs per details / list call | peak RSS MiB"
+        " | HTTP-only req/s (server CPU µs per call) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         d, li, l1 = r["details"], r["list"], r["list_one_client"]
@@ -368,7 +418,8 @@ def markdown(report: dict[str, Any]) -> str:
             f" | {li['req_per_s']:,}"
             f" | {li['p50_ms']} | {li['p99_ms']} | {l1['p99_ms']}"
             f" | {d['gateway_cpu_us_per_call']} / {li['gateway_cpu_us_per_call']}"
-            f" | {r['peak_rss_mib']} |"
+            f" | {r['peak_rss_mib']}"
+            f" | {r['http_only']['req_per_s']:,} ({r['http_only']['server_cpu_us_per_call']}) |"
         )
     lines += ["", *report["notes"], ""]
     return "\n".join(lines)
@@ -383,8 +434,19 @@ def main() -> int:
     parser.add_argument("--list-concurrency", type=int, default=4, help="list clients")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     parser.add_argument("--name", default="gateway", help="results file stem")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per size (every run is reported: the machine may be shared)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    knobs: dict[str, Any] = {
+        "duration": args.duration,
+        "concurrency": args.concurrency,
+        "list_concurrency": args.list_concurrency,
+    }
     notes: list[str] = []
     runs = []
     for size in sizes:
@@ -400,35 +462,25 @@ def main() -> int:
                     f"- {size:,} Operations created through the API server (create +"
                     f" status patch each) in {seconds:.0f} s."
                 )
-                runs.append(
-                    asyncio.run(
-                        bench_size(
-                            size,
-                            duration=args.duration,
-                            concurrency=args.concurrency,
-                            list_concurrency=args.list_concurrency,
-                            kubeconfig=str(cluster.kubeconfig),
-                        )
+                for _ in range(args.repeat):
+                    runs.append(
+                        asyncio.run(bench_size(size, kubeconfig=str(cluster.kubeconfig), **knobs))
                     )
-                )
+                    print(json.dumps(runs[-1]), flush=True)
         else:
-            runs.append(
-                asyncio.run(
-                    bench_size(
-                        size,
-                        duration=args.duration,
-                        concurrency=args.concurrency,
-                        list_concurrency=args.list_concurrency,
-                        kubeconfig=None,
-                    )
-                )
-            )
-        print(json.dumps(runs[-1]), flush=True)
+            for _ in range(args.repeat):
+                runs.append(asyncio.run(bench_size(size, kubeconfig=None, **knobs)))
+                print(json.dumps(runs[-1]), flush=True)
     if args.fill == "direct":
         notes.append(
             "- Cache filled directly in the gateway process (the same `reset` a watch"
             " SYNC performs), not through the API server."
         )
+    notes.append(
+        "- HTTP-only: an aiohttp handler that returns a fixed answer (no XML-RPC, no cache,"
+        " no call log), driven the same way right after the details load: the ceiling of"
+        " HTTP alone on this machine at that moment (other jobs share the CPUs)."
+    )
     report = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),

@@ -73,8 +73,7 @@ def test_defaults_before_the_controller_wrote_status() -> None:
 
 def test_apply_add_modify_delete_keeps_indexes_right() -> None:
     c = cache.OperationCache()
-    c.reset([op(1), op(2, state="Succeeded")], resource_version="5")
-    assert c.resource_version == "5"
+    c.reset([op(1), op(2, state="Succeeded")])
     assert c.list_ids("a", states_=frozenset({states.State.RUNNING})) == [1]
     c.apply(event="MODIFIED", obj=op(1, state="Failed" + "External", updated=10, rv=6))
     assert c.list_ids("a", states_=frozenset({states.State.RUNNING})) == []
@@ -83,34 +82,50 @@ def test_apply_add_modify_delete_keeps_indexes_right() -> None:
     c.apply(event="DELETED", obj=op(1, rv=7))
     assert c.get_id("a", cache.OpId(1)) is None
     assert c.list_ids("a") == [2]
-    assert c.resource_version == "7"
     assert len(c) == 1
     assert c.names("a", "state", states.State.FAILED_EXTERNAL) == set()
 
 
 def test_ids_are_namespace_scoped() -> None:
     c = cache.OperationCache()
-    c.reset([op(1, ns="a"), op(2, ns="b")], resource_version="1")
+    c.reset([op(1, ns="a"), op(2, ns="b")])
     assert c.get_id("a", cache.OpId(2)) is None
     assert c.get_id("b", cache.OpId(2)) is not None
     assert c.list_ids("a") == [1]
     assert c.list_ids("c") == []
 
 
+def test_a_copied_id_label_never_shadows_anything() -> None:
+    c = cache.OperationCache()
+    c.reset([op(1, ns="a", state="Succeeded")])
+    # another namespace labels its object with a's id: both stay answerable, separately
+    c.apply(event="ADDED", obj=op(1, ns="b", state="Running", name="copy"))
+    entry = c.get_id("a", cache.OpId(1))
+    assert entry is not None
+    assert entry.state is states.State.SUCCEEDED
+    assert c.list_ids("a", states_=frozenset({states.State.SUCCEEDED})) == [1]
+    # a second object with the same id in the same namespace: the first keeps the id
+    c.apply(event="ADDED", obj=op(1, ns="a", state="Running", name="dup"))
+    assert c.get_id("a", cache.OpId(1)) is entry
+    assert c.list_ids("a") == [1]
+    assert c.get("a", "dup") is not None
+    c.apply(event="DELETED", obj=op(1, ns="a", name="dup"))
+    assert c.list_ids("a") == [1]
+    assert c.get_id("a", cache.OpId(1)) is entry
+
+
 def test_newest_first_and_limited() -> None:
     c = cache.OperationCache()
-    c.reset([op(i) for i in range(1, 501)], resource_version="1")
+    c.reset([op(i) for i in range(1, 501)])
     got = c.list_ids("a", limit=300)
     assert got == list(range(500, 200, -1))
 
 
 def test_select_by_exact_fields() -> None:
     c = cache.OperationCache()
-    c.reset(
-        [op(1, obj=("domain", "x.org")), op(2, type_="vm_deploy"), op(3, name="custom")],
-        resource_version="1",
-    )
+    c.reset([op(1, obj=("domain", "x.org")), op(2, type_="vm_deploy"), op(3, name="custom")])
     assert [e.id for e in c.select("a", {"object": ("domain", "x.org")})] == [1]
+    assert [e.id for e in c.select("a", {"name": "op-1", "object": ("domain", "x.org")})] == [1]
     assert [e.id for e in c.select("a", {"type": "vm_deploy"})] == [2]
     assert [e.id for e in c.select("a", {"name": "custom"})] == [3]
     assert [e.id for e in c.select("a", {"name": "custom", "type": "vm_deploy"})] == []
@@ -126,8 +141,7 @@ def test_task_entries() -> None:
                 "spec": {"schedule": "0 3 * * *", "template": {"spec": {"type": "backup"}}},
                 "status": {"id": 9, "state": "Suspended"},
             }
-        ],
-        resource_version="1",
+        ]
     )
     entry = t.get_id("a", cache.OpId(9))
     assert entry is not None
@@ -174,7 +188,7 @@ def test_list_ids_matches_brute_force(
     churn: list[int],
 ) -> None:
     c = cache.OperationCache()
-    c.reset(objs, resource_version="1")
+    c.reset(objs)
     live = {o["status"]["id"]: o for o in objs}
     for id_ in churn:  # updates and deletes after the initial list, as a watch brings them
         if id_ in live:

@@ -16,6 +16,10 @@ import dataclasses
 import datetime
 import json
 import pathlib
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -364,6 +368,12 @@ def test_faults_for_bad_input(
     huge = raw_call("login", "<param><value>" + "x" * (2 * 1024 * 1024) + "</value></param>")
     status, body = gw.post(huge)
     assert (status, parse_fault(body)) == (200, -32702)
+    # the same without a Content-Length (chunked): the stream is cut off at the limit
+    chunks = iter([huge[i : i + 65536] for i in range(0, len(huge), 65536)])
+    status, body = gw.post(chunks)  # type: ignore[arg-type]
+    assert (status, parse_fault(body)) == (200, -32702)
+    small = iter([raw_call("operation_list", f"<param><value>{session}</value></param>")])
+    assert xmlrpc.client.loads(gw.post(small)[1])[0] == ([],)  # type: ignore[arg-type]
     laughs = (
         b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
         b'<!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
@@ -516,6 +526,8 @@ def test_gocept_apply_query_and_all_or_nothing(
     )
     assert server_.query("operation", {"type": "domain_create"}) == []
     assert len(server_.query("operation", {"params": {"years": 2}})) == 1
+    by_object = server_.query("operation", {"object": {"kind": "domain", "name": "example.org"}})
+    assert [r["name"] for r in by_object] == ["gc-1"]
     assert server_.query("scheduledtask", {"name": "nightly"})[0]["template"]["params"] == {
         "full": True
     }
@@ -732,3 +744,79 @@ def test_demo_key_and_snippet(
         return True
 
     wait_for(runs, what="the snippet to run")
+
+
+def test_the_cli_serves_mints_demo_keys_and_stops_cleanly(
+    cluster: Any, api: kubernetes.client.ApiClient, namespace: str, tmp_path: pathlib.Path
+) -> None:
+    key_namespace = other_namespace(api)
+    port = _free_port()
+    common = ["--kubeconfig", cluster.kubeconfig, "--key-namespace", key_namespace]
+    log = (tmp_path / "gateway.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "opkeeper.cli",
+            "gateway",
+            *common,
+            "--port",
+            str(port),
+            "--call-log",
+            str(tmp_path / "calllog.sqlite3"),
+        ],
+        env=cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=60, what="opkeeper gateway /readyz")
+        minted = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "opkeeper.cli",
+                "gateway",
+                *common,
+                "--demo-key",
+                namespace,
+                "--url",
+                f"{url}/xmlrpc",
+            ],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        snippet = minted.stdout
+        assert "xmlrpc.client.ServerProxy" in snippet
+
+        def runs() -> bool:
+            try:
+                exec(snippet, {})
+            except xmlrpc.client.Fault:
+                return False
+            return True
+
+        wait_for(runs, what="the printed snippet to run against the gateway")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, (tmp_path / "gateway.log").read_text()
+        log.close()
+    assert "gateway stopped" in (tmp_path / "gateway.log").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

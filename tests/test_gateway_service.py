@@ -15,7 +15,7 @@ from typing import Any, Literal
 import pytest
 
 from opkeeper import API_VERSION, errors, kube, states
-from opkeeper.gateway import auth, cache, calllog, service
+from opkeeper.gateway import auth, cache, calllog, kubeio, service
 
 Body = dict[str, Any]
 A = auth.Identity(user_id="alice", tenant=auth.Tenant("a"), key_hash=auth.hash_key("ka"))
@@ -363,3 +363,13 @@ def test_query_and_log_are_tenant_scoped() -> None:
     mine, theirs_log = asyncio.run(log())
     assert len(mine) == 1
     assert theirs_log == []
+
+
+def test_the_api_server_refusing_the_gateway_is_not_the_callers_login_problem() -> None:
+    class Refusing:
+        async def get(self, resource: kube.Resource, **kw: Any) -> Body:
+            raise errors.Unauthenticated("Unauthorized")
+
+    upstream = kubeio.Upstream(Refusing())  # type: ignore[arg-type]
+    with pytest.raises(errors.Unavailable, match="credentials"):
+        asyncio.run(upstream.get(kube.OPERATIONS, name="x", namespace="a"))

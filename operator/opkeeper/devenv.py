@@ -170,13 +170,13 @@ def up(settings: DevSettings) -> int:
             *gateway,
             "--call-log",
             str((STATE_DIR / "calllog.sqlite3").resolve()),
-            "--key-namespace",
-            "*",
         ],
         env=env,
     )
     with contextlib.suppress(subprocess.CalledProcessError):
         _kubectl(kubeconfig, "create", "namespace", DEMO_NAMESPACE)
+    # A fresh demo each time: what a previous `make dev` left would hide the progress.
+    _kubectl(kubeconfig, "delete", "ops,stask", "--all", "-n", DEMO_NAMESPACE, "--timeout=60s")
     _kubectl(
         kubeconfig,
         "apply",

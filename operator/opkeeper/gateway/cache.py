@@ -6,20 +6,21 @@ the gateway lists once, then follows the watch, and answers every read from
 here, through indexes sized for the filters the dialects offer:
 
 * by id (cluster-wide) and by namespace/name;
-* per namespace, exact-match sets for state, type, object and name;
-* per namespace, the ids in order (``operation_list`` returns the newest 300)
-  and ``(date_updated, id)`` pairs in order (the updated_after/before range).
+* per namespace, exact-match sets for state, type and object;
+* per namespace, id-ordered lists and id sets for state and type, the ids in
+  order (``operation_list`` returns the newest 300) and ``(date_updated, id)``
+  in order (the updated_after/before range).
 
 :meth:`OperationCache.list_ids` picks its plan from the index sizes: it walks
-ids newest-first and checks each entry when the filters match many
-operations (it stops after ``limit`` hits), and materialises the smallest
+an id-ordered index newest-first and checks each entry when the filters match
+many operations (it stops after ``limit`` hits), and gathers the smallest
 candidate set when they match few, so neither a broad nor a narrow filter
 costs a scan of the namespace.
 
 Entries keep ``spec`` and ``status`` as the API server sent them (minus
 managedFields and annotations, which can be large and no read needs), so the
 facades can build full records without another request. The cache is fed by
-:mod:`.feed`; it has no I/O of its own, which keeps it testable and
+:func:`.kubeio.feed`; it has no I/O of its own, which keeps it testable and
 benchmarkable without a cluster.
 """
 
@@ -29,10 +30,13 @@ import bisect
 import dataclasses
 import datetime
 import heapq
+import logging
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NewType, TypeVar
 
 from opkeeper import GROUP, states
+
+log = logging.getLogger(__name__)
 
 OpId = NewType("OpId", int)
 """The cluster-unique number of an Operation or ScheduledTask (``status.id``)."""
@@ -129,8 +133,6 @@ class OperationEntry:
             "state": self.state,
             "type": self.type,
             "object": (self.object_kind, self.object_name),
-            "object_kind": self.object_kind,
-            "object_name": self.object_name,
         }
 
 
@@ -199,7 +201,10 @@ class _Table(Generic[E]):
     def __init__(self, build: Callable[[Mapping[str, Any]], E]) -> None:
         self._build: Callable[[Mapping[str, Any]], E] = build
         self.by_key: dict[tuple[str, str], E] = {}
-        self.by_id: dict[OpId, E] = {}
+        self.by_id: dict[tuple[str, OpId], E] = {}
+        """Keyed by namespace too: ids are cluster-unique when the allocator hands them
+        out, but anyone who can create an object can also label it with any id, and such
+        a copy must never shadow another namespace's operation."""
         self.eq: dict[tuple[str, str, Hashable], set[str]] = {}
         self.ordered: dict[tuple[str, str, Hashable], list[OpId]] = {}
         self.id_sets: dict[tuple[str, str, Hashable], set[OpId]] = {}
@@ -208,25 +213,26 @@ class _Table(Generic[E]):
         self.ns_names: dict[str, set[str]] = {}
         self.ns_ids: dict[str, list[OpId]] = {}
         self.ns_times: dict[str, list[tuple[float, OpId]]] = {}
-        self.resource_version = ""
-        """The newest resourceVersion seen (where a re-watch resumes)."""
+        self.ns_time_ids: dict[str, list[OpId]] = {}
+        """The ids of :attr:`ns_times` in the same order: a date window's ids are then one
+        C-level slice instead of a comprehension over tuples."""
 
     def __len__(self) -> int:
         return len(self.by_key)
 
-    def reset(self, objects: Iterable[Mapping[str, Any]], *, resource_version: str) -> None:
+    def reset(self, objects: Iterable[Mapping[str, Any]]) -> None:
         """Replace everything by a fresh LIST (bulk: sorts once instead of per insert)."""
         self.by_key, self.by_id, self.eq, self.ordered, self.id_sets = {}, {}, {}, {}, {}
-        self.ns_names, self.ns_ids, self.ns_times = {}, {}, {}
+        self.ns_names, self.ns_ids, self.ns_times, self.ns_time_ids = {}, {}, {}, {}
         for obj in objects:
             entry = self._build(obj)
             self.by_key[(entry.namespace, entry.name)] = entry
             self._index(entry, bulk=True)
         for sorted_list in (*self.ns_ids.values(), *self.ordered.values()):
             sorted_list.sort()
-        for times in self.ns_times.values():
+        for ns, times in self.ns_times.items():
             times.sort()
-        self.resource_version = resource_version
+            self.ns_time_ids[ns] = [id_ for _, id_ in times]
 
     def apply(self, *, event: str, obj: Mapping[str, Any]) -> None:
         """One watch event: ADDED, MODIFIED or DELETED."""
@@ -239,23 +245,33 @@ class _Table(Generic[E]):
             entry = self._build(obj)
             self.by_key[key] = entry
             self._index(entry, bulk=False)
-        rv = meta.get("resourceVersion")
-        if rv:
-            self.resource_version = str(rv)
 
     def _index(self, entry: E, *, bulk: bool) -> None:
         ns = entry.namespace
+        # No per-name index: names are unique per namespace, by_key answers them.
         self.ns_names.setdefault(ns, set()).add(entry.name)
-        self.eq.setdefault((ns, "name", entry.name), set()).add(entry.name)
         values = entry.index_values()
         for field, value in values.items():
             self.eq.setdefault((ns, field, value), set()).add(entry.name)
         if entry.id is None:
             return
-        self.by_id[entry.id] = entry
+        holder = self.by_id.get((ns, entry.id))
+        if holder is not None and holder.name != entry.name:
+            # A second object claims this id in the same namespace: the first keeps it,
+            # the copy is served by name only (gocept) until the first is gone.
+            log.warning("%s/%s claims id %s of %s", ns, entry.name, entry.id, holder.name)
+            return
+        self.by_id[(ns, entry.id)] = entry
         add = list.append if bulk else bisect.insort
         add(self.ns_ids.setdefault(ns, []), entry.id)
-        add(self.ns_times.setdefault(ns, []), (entry.updated_ts, entry.id))
+        stamp = (entry.updated_ts, entry.id)
+        if not bulk:  # bulk loads build ns_time_ids after sorting
+            times = self.ns_times.setdefault(ns, [])
+            at = bisect.bisect_left(times, stamp)
+            times.insert(at, stamp)
+            self.ns_time_ids.setdefault(ns, []).insert(at, entry.id)
+        else:
+            self.ns_times.setdefault(ns, []).append(stamp)
         for field in self.ORDERED:
             add(self.ordered.setdefault((ns, field, values[field]), []), entry.id)
             self.id_sets.setdefault((ns, field, values[field]), set()).add(entry.id)
@@ -263,15 +279,18 @@ class _Table(Generic[E]):
     def _unindex(self, entry: E) -> None:
         ns = entry.namespace
         self.ns_names[ns].discard(entry.name)
-        self._discard((ns, "name", entry.name), entry.name)
         values = entry.index_values()
         for field, value in values.items():
             self._discard((ns, field, value), entry.name)
-        if entry.id is None or self.by_id.get(entry.id) is not entry:
+        if entry.id is None or self.by_id.get((ns, entry.id)) is not entry:
             return
-        del self.by_id[entry.id]
+        del self.by_id[(ns, entry.id)]
         _remove_sorted(self.ns_ids[ns], entry.id)
-        _remove_sorted(self.ns_times[ns], (entry.updated_ts, entry.id))
+        times = self.ns_times[ns]
+        at = bisect.bisect_left(times, (entry.updated_ts, entry.id))
+        if at < len(times) and times[at] == (entry.updated_ts, entry.id):
+            del times[at]
+            del self.ns_time_ids[ns][at]
         for field in self.ORDERED:
             _remove_sorted(self.ordered[(ns, field, values[field])], entry.id)
             self.id_sets[(ns, field, values[field])].discard(entry.id)
@@ -285,6 +304,10 @@ class _Table(Generic[E]):
 
     def names(self, namespace: str, field: str, value: Hashable) -> set[str]:
         """Names in ``namespace`` whose ``field`` equals ``value`` (an index hit, no scan)."""
+        if field == "name":
+            return (
+                {value} if isinstance(value, str) and (namespace, value) in self.by_key else set()
+            )
         return self.eq.get((namespace, field, value), set())
 
     def all_names(self, namespace: str) -> set[str]:
@@ -295,8 +318,7 @@ class _Table(Generic[E]):
 
     def get_id(self, namespace: str, id_: OpId) -> E | None:
         """The entry with ``id_`` if it is in ``namespace`` (else None: no hint it exists)."""
-        entry = self.by_id.get(id_)
-        return entry if entry is not None and entry.namespace == namespace else None
+        return self.by_id.get((namespace, id_))
 
     def select(self, namespace: str, exact: Mapping[str, Hashable]) -> Iterator[E]:
         """Entries matching every indexed exact filter (smallest index set first)."""
@@ -320,8 +342,9 @@ def _remove_sorted(items: list[Any], value: Any) -> None:
 
 
 _SET_COST = 0.2
-"""Cost of one window entry in the set-intersection plan relative to one entry walked
-and checked in Python (measured: C-level set work is about five times cheaper)."""
+"""Cost of one gathered entry relative to one entry walked and checked in Python
+(measured: comprehensions, set intersections and a nearly-sorted sort are about five
+times cheaper per entry)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -356,11 +379,11 @@ class OperationCache(_Table[OperationEntry]):
         ``updated_after`` is inclusive and ``updated_before`` exclusive, so
         consecutive windows never count an operation twice.
 
-        Plan: every filter has an index giving its matches; take the smallest.
-        State and type indexes are id-ordered, so walking one newest-first and
-        checking the other filters stops after about ``limit / selectivity``
-        entries. The date index is ordered by time, not id, so its matches are
-        gathered and sorted; that wins when the window is narrow.
+        Plan: every filter has an index giving its matches. State and type
+        indexes are id-ordered, so walking the smallest newest-first and
+        checking the others stops after about ``limit / selectivity`` entries.
+        When a date window (or the smallest index) is small enough, its ids are
+        gathered instead, filtered by set membership and sorted.
         """
         all_ids = self.ns_ids.get(namespace, [])
         if not all_ids or limit <= 0:
@@ -403,7 +426,7 @@ class OperationCache(_Table[OperationEntry]):
             if skip != "type" and type_set is not None and id_ not in type_set:
                 return False
             if skip != "date" and (after is not None or before is not None):
-                stamp = by_id[id_].updated_ts
+                stamp = by_id[(namespace, id_)].updated_ts
                 if after is not None and stamp < after:
                     return False
                 if before is not None and stamp >= before:
@@ -438,19 +461,24 @@ class OperationCache(_Table[OperationEntry]):
         walk_estimate = walk.size if has_date else min(walk.size, limit / others)
         set_base = window_size if has_date else walk.size
         if set_base * _SET_COST < walk_estimate:
-            # The set plan: intersections run in C, then the newest `limit` by heap.
-            window: set[OpId]
+            # The gather plan: membership tests against the id sets, then a sort, which
+            # is nearly linear here because ids already grow with time.
+            gathered: list[OpId]
             if has_date:
-                window = {id_ for _, id_ in times[lo:hi]}
+                gathered = self.ns_time_ids[namespace][lo:hi]
                 if type_set is not None:
-                    window = window & type_set
+                    gathered = [id_ for id_ in gathered if id_ in type_set]
             elif type_set is not None:
-                window = type_set
+                gathered = list(type_set)
             else:
-                window = set().union(*(state_sets or []))
+                gathered = [id_ for members in state_sets or [] for id_ in members]
             if state_sets is not None and (has_date or type_set is not None):
-                window = set().union(*(window & members for members in state_sets))
-            return heapq.nlargest(limit, window)
+                wanted: set[OpId] = set()
+                for members in state_sets:
+                    wanted |= members.intersection(gathered)
+                gathered = [id_ for id_ in gathered if id_ in wanted]
+            gathered.sort()
+            return gathered[: -limit - 1 : -1]
         found: list[OpId] = []
         for id_ in walk.newest_first():
             if matches(id_, walk.field):

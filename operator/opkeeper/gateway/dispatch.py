@@ -77,9 +77,8 @@ Handler = Callable[["Dispatcher", _Call], Awaitable[Any]]
 class Method:
     dialect: Dialect
     handler: Handler
-    signature: str
-    """The documented signature, quoted in bad-params faults."""
     logged: bool = True
+    """Whether calls go into the call log (all but ``log`` itself)."""
 
 
 class Dispatcher:
@@ -265,7 +264,7 @@ async def _login(d: Dispatcher, call: _Call) -> str:
     _arity(call, low=1, high=1, signature="login(apikey)")
     key = _str(call.params[0], "apikey")
     token = d.sessions.login(key)
-    call.identity = d.keyring.lookup(key)
+    call.identity = d.sessions.resolve(token)
     call.logged_args = [REDACTED_KEY]
     call.logged_result = REDACTED_SESSION
     return token
@@ -380,7 +379,7 @@ def _entry(entry: calllog.Entry, tenant: str) -> dict[str, Any]:
     }
 
 
-async def _log(d: Dispatcher, call: _Call) -> list[dict[str, Any]]:
+async def _call_log(d: Dispatcher, call: _Call) -> list[dict[str, Any]]:
     who = d.basic_identity(call)
     _arity(call, low=0, high=1, signature="log([serial])")
     serial = _int(call.params[0], "serial") if call.params else None
@@ -388,28 +387,14 @@ async def _log(d: Dispatcher, call: _Call) -> list[dict[str, Any]]:
 
 
 METHODS: Mapping[str, Method] = {
-    "login": Method(dialect="gandi", handler=_login, signature="login(apikey)"),
-    "operation_list": Method(
-        dialect="gandi", handler=_operation_list, signature="operation_list(session[, filter])"
-    ),
-    "operation_details": Method(
-        dialect="gandi", handler=_operation_details, signature="operation_details(session, opid)"
-    ),
-    "operation_relaunch": Method(
-        dialect="gandi",
-        handler=_operation_relaunch,
-        signature="operation_relaunch(session, opid, params)",
-    ),
-    "operation_cancel": Method(
-        dialect="gandi", handler=_operation_cancel, signature="operation_cancel(session, opid)"
-    ),
-    "operation_create": Method(
-        dialect="gandi",
-        handler=_operation_create,
-        signature="operation_create(session, type, params[, object])",
-    ),
-    "apply": Method(dialect="gocept", handler=_apply, signature="apply([record, ...])"),
-    "query": Method(dialect="gocept", handler=_query, signature="query(type[, filter])"),
-    "log": Method(dialect="gocept", handler=_log, signature="log([serial])", logged=False),
+    "login": Method(dialect="gandi", handler=_login),
+    "operation_list": Method(dialect="gandi", handler=_operation_list),
+    "operation_details": Method(dialect="gandi", handler=_operation_details),
+    "operation_relaunch": Method(dialect="gandi", handler=_operation_relaunch),
+    "operation_cancel": Method(dialect="gandi", handler=_operation_cancel),
+    "operation_create": Method(dialect="gandi", handler=_operation_create),
+    "apply": Method(dialect="gocept", handler=_apply),
+    "query": Method(dialect="gocept", handler=_query),
+    "log": Method(dialect="gocept", handler=_call_log, logged=False),
 }
 """Every served method; anything else is an unknown-method fault."""

@@ -14,10 +14,11 @@ with ``dryRun=All`` first: the API server then runs the full validation
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import aiohttp
 
@@ -26,6 +27,101 @@ from opkeeper import errors, kube
 log = logging.getLogger(__name__)
 
 SECRETS = kube.Resource(group="", version="v1", plural="secrets")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _upstream(
+    call: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """A 401 from the API server is about the gateway's own credentials, not the caller's:
+    report it as unavailable, never as "log in again"."""
+
+    @functools.wraps(call)
+    async def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await call(*args, **kwargs)
+        except errors.Unauthenticated as exc:
+            log.error("the API server refused the gateway's credentials: %s", exc)
+            raise errors.Unavailable(
+                "the gateway cannot reach the API server with its credentials; try again later"
+            ) from exc
+
+    return wrapped
+
+
+class Upstream:
+    """The writes and reads the service makes, over :class:`opkeeper.kube.Client`."""
+
+    def __init__(self, client: kube.Client) -> None:
+        self._client = client
+
+    @_upstream
+    async def get(
+        self,
+        resource: kube.Resource,
+        *,
+        name: str,
+        namespace: str | None = None,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        return await self._client.get(
+            resource, name=name, namespace=namespace, subresource=subresource
+        )
+
+    @_upstream
+    async def create(
+        self,
+        resource: kube.Resource,
+        body: dict[str, Any],
+        *,
+        namespace: str | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        return await self._client.create(resource, body, namespace=namespace, dry_run=dry_run)
+
+    @_upstream
+    async def patch(
+        self,
+        resource: kube.Resource,
+        *,
+        name: str,
+        body: Any,
+        namespace: str | None = None,
+        patch_type: kube.PatchType = "merge",
+        subresource: str | None = None,
+        force: bool = False,
+    ) -> dict[str, Any]:
+        return await self._client.patch(
+            resource,
+            name=name,
+            body=body,
+            namespace=namespace,
+            patch_type=patch_type,
+            subresource=subresource,
+            force=force,
+        )
+
+    @_upstream
+    async def delete(
+        self,
+        resource: kube.Resource,
+        *,
+        name: str,
+        namespace: str | None = None,
+        uid: str | None = None,
+        resource_version: str | None = None,
+        propagation: Literal["Background", "Foreground", "Orphan"] | None = None,
+    ) -> None:
+        await self._client.delete(
+            resource,
+            name=name,
+            namespace=namespace,
+            uid=uid,
+            resource_version=resource_version,
+            propagation=propagation,
+        )
 
 
 async def feed(
@@ -51,6 +147,7 @@ class DryRun:
     def __init__(self, client: kube.Client) -> None:
         self._client = client
 
+    @_upstream
     async def _send(self, method: str, path: str, body: Any, content_type: str) -> Any:
         try:
             async with self._client.session.request(

@@ -112,7 +112,7 @@ class Gateway:
         self.service = service.Service(
             operations=self.operations,
             tasks=self.tasks,
-            kube_client=kube_client,
+            kube_client=kubeio.Upstream(kube_client),
             dry_run=kubeio.DryRun(kube_client),
             id_allocator=id_allocator
             or ids.IdAllocator(
@@ -145,7 +145,7 @@ class Gateway:
             "feed-operations",
             kubeio.feed(
                 ops_stream,
-                reset=lambda objs: self.operations.reset(objs, resource_version=""),
+                reset=self.operations.reset,
                 apply=lambda event, obj: self.operations.apply(event=event, obj=obj),
                 synced=self.synced["operations"],
             ),
@@ -154,7 +154,7 @@ class Gateway:
             "feed-scheduledtasks",
             kubeio.feed(
                 tasks_stream,
-                reset=lambda objs: self.tasks.reset(objs, resource_version=""),
+                reset=self.tasks.reset,
                 apply=lambda event, obj: self.tasks.apply(event=event, obj=obj),
                 synced=self.synced["scheduledtasks"],
             ),
@@ -234,6 +234,10 @@ class Gateway:
         too_large = xmlrpc.BodyTooLarge(f"request body larger than {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
             return too_large
+        if request.content_length is not None and request.content.is_eof():
+            # The usual case: a small call arrived with its headers. Nothing to wait for,
+            # so no deadline timer either (a timer per call is measurable at this rate).
+            return await request.read()
         chunks: list[bytes] = []
         size = 0
         try:

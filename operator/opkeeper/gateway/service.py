@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import pydantic
@@ -205,6 +205,9 @@ class Service:
         for key in ("name", "type", "state"):
             if key in exact and isinstance(exact[key], str):
                 indexed[key] = _state_key(type_, exact[key]) if key == "state" else exact[key]
+        ref = exact.get("object")
+        if type_ == "operation" and isinstance(ref, dict) and set(ref) == {"kind", "name"}:
+            indexed["object"] = (ref["kind"], ref["name"])
         if "id" in exact and isinstance(exact["id"], int) and not isinstance(exact["id"], bool):
             found = self._by_id(type_, who.tenant, cache.OpId(exact["id"]))
             candidates = [found] if found is not None else []
@@ -301,7 +304,7 @@ class Service:
         *,
         who: auth.Identity,
         id_: cache.OpId,
-        plan: Any,
+        plan: Callable[[cache.OperationEntry], Body | None],
     ) -> None:
         entry = self.operation(who=who, id_=id_)
         for _ in range(self.settings.write_attempts):

@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import math
 import re
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import defusedxml
@@ -208,7 +209,7 @@ def _scalar(tag: str, text: str) -> Value:
     return text  # string
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Frame:
     tag: str
     text: list[str] = dataclasses.field(default_factory=list)
@@ -385,52 +386,81 @@ def _escape(text: str) -> str:
 def _encode(value: Any, out: list[str], depth: int) -> None:
     if depth > _ENCODE_MAX_DEPTH:
         raise NotRepresentable(f"the result is nested deeper than {_ENCODE_MAX_DEPTH}")
-    # Exact-type fast paths for the common leaves (answers are mostly strings and small
-    # ints); subclasses such as StrEnum and bool take the general path below.
-    kind = type(value)
-    if kind is str:
-        out.append(f"<value><string>{_escape(value)}</string></value>")
-        return
-    if kind is int and I4_MIN <= value <= I4_MAX:
-        out.append(f"<value><int>{value}</int></value>")
-        return
-    # Ordered by how often each type occurs in answers; bool before int (a subclass).
-    if isinstance(value, str):
-        out.append(f"<value><string>{_escape(value)}</string></value>")
-    elif isinstance(value, bool):
-        out.append(f"<value><boolean>{int(value)}</boolean></value>")
-    elif isinstance(value, int):
-        if not I4_MIN <= value <= I4_MAX:
-            raise NotRepresentable(
-                f"the integer {value} does not fit the 32-bit XML-RPC <int> (<i8> is not standard)"
-            )
-        out.append(f"<value><int>{value}</int></value>")
-    elif isinstance(value, dict):
-        out.append("<value><struct>")
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise NotRepresentable(f"struct member names must be strings, not {key!r}")
-            out.append(f"<member><name>{_escape(key)}</name>")
-            _encode(item, out, depth + 1)
-            out.append("</member>")
-        out.append("</struct></value>")
-    elif isinstance(value, list | tuple):
-        out.append("<value><array><data>")
-        for item in value:
-            _encode(item, out, depth + 1)
-        out.append("</data></array></value>")
-    elif isinstance(value, datetime.datetime):
-        out.append(f"<value><dateTime.iso8601>{format_datetime(value)}</dateTime.iso8601></value>")
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise NotRepresentable(f"the double {value} has no XML-RPC form")
-        out.append(f"<value><double>{value!r}</double></value>")
-    elif isinstance(value, bytes | bytearray):
-        out.append(f"<value><base64>{base64.b64encode(value).decode('ascii')}</base64></value>")
-    elif value is None:
-        raise NotRepresentable("the result holds a null, which standard XML-RPC has no type for")
-    else:
-        raise NotRepresentable(f"no XML-RPC type for {type(value).__name__}")
+    # One dict lookup on the exact type for the common cases; subclasses (StrEnum,
+    # OrderedDict, ...) find their writer through isinstance below.
+    writer = _WRITERS.get(type(value))
+    if writer is None:
+        writer = next((w for t, w in _WRITERS.items() if isinstance(value, t)), None)
+        if writer is None:
+            if value is None:
+                raise NotRepresentable(
+                    "the result holds a null, which standard XML-RPC has no type for"
+                )
+            raise NotRepresentable(f"no XML-RPC type for {type(value).__name__}")
+    writer(value, out, depth)
+
+
+def _write_str(value: str, out: list[str], depth: int) -> None:
+    out.append(f"<value><string>{_escape(value)}</string></value>")
+
+
+def _write_bool(value: bool, out: list[str], depth: int) -> None:
+    out.append(f"<value><boolean>{int(value)}</boolean></value>")
+
+
+def _write_int(value: int, out: list[str], depth: int) -> None:
+    if not I4_MIN <= value <= I4_MAX:
+        raise NotRepresentable(
+            f"the integer {value} does not fit the 32-bit XML-RPC <int> (<i8> is not standard)"
+        )
+    out.append(f"<value><int>{value}</int></value>")
+
+
+def _write_float(value: float, out: list[str], depth: int) -> None:
+    if not math.isfinite(value):
+        raise NotRepresentable(f"the double {value} has no XML-RPC form")
+    out.append(f"<value><double>{value!r}</double></value>")
+
+
+def _write_datetime(value: datetime.datetime, out: list[str], depth: int) -> None:
+    out.append(f"<value><dateTime.iso8601>{format_datetime(value)}</dateTime.iso8601></value>")
+
+
+def _write_bytes(value: bytes, out: list[str], depth: int) -> None:
+    out.append(f"<value><base64>{base64.b64encode(value).decode('ascii')}</base64></value>")
+
+
+def _write_struct(value: dict[Any, Any], out: list[str], depth: int) -> None:
+    out.append("<value><struct>")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise NotRepresentable(f"struct member names must be strings, not {key!r}")
+        out.append(f"<member><name>{_escape(key)}</name>")
+        _encode(item, out, depth + 1)
+        out.append("</member>")
+    out.append("</struct></value>")
+
+
+def _write_array(value: list[Any] | tuple[Any, ...], out: list[str], depth: int) -> None:
+    out.append("<value><array><data>")
+    for item in value:
+        _encode(item, out, depth + 1)
+    out.append("</data></array></value>")
+
+
+_WRITERS: dict[type, Callable[[Any, list[str], int], None]] = {
+    # bool before int: isinstance(True, int) holds, and the fallback scan keeps this order.
+    str: _write_str,
+    bool: _write_bool,
+    int: _write_int,
+    dict: _write_struct,
+    list: _write_array,
+    tuple: _write_array,
+    datetime.datetime: _write_datetime,
+    float: _write_float,
+    bytes: _write_bytes,
+    bytearray: _write_bytes,
+}
 
 
 _HEAD = "<?xml version='1.0' encoding='UTF-8'?>\n"
