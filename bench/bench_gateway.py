@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -38,7 +37,6 @@ import pathlib
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 import xmlrpc.client
@@ -46,6 +44,7 @@ from typing import Any
 
 import aiohttp
 
+import common  # bench/common.py: the script's directory is on sys.path
 from opkeeper import kube
 from opkeeper.gateway import auth, server
 
@@ -107,13 +106,6 @@ def key_secret() -> dict[str, Any]:
     return {"metadata": manifest["metadata"], "data": data}
 
 
-def peak_rss_bytes() -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 # --- the gateway process ---------------------------------------------------------------
 
 
@@ -160,7 +152,7 @@ async def _gateway_main(
         while (message := await loop.run_in_executor(None, conn.recv)) != "stop":
             assert message == "cpu"
             conn.send(time.process_time())
-        conn.send({"peak_rss_bytes": peak_rss_bytes()})
+        conn.send({"peak_rss_bytes": common.memory_of("self").get("VmHWM", 0) * 1024})
 
 
 def baseline_process(conn: multiprocessing.connection.Connection) -> None:
@@ -293,7 +285,7 @@ async def bench_size(
         process.start()
         info = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
         url = f"http://127.0.0.1:{info['port']}/xmlrpc"
-        session = xmlrpc.client.ServerProxy(url).login(KEY)
+        session = str(xmlrpc.client.ServerProxy(url).login(KEY))
         rnd = random.Random(42)
         details = [
             xmlrpc.client.dumps((session, rnd.randrange(1, size + 1)), "operation_details").encode()
@@ -339,11 +331,7 @@ async def create_operations(kubeconfig: str, size: int) -> float:
     """Create ``size`` synthetic Operations through the API server; returns seconds."""
     started = time.perf_counter()
     async with kube.Client(kube.Credentials.from_kubeconfig(kubeconfig)) as client:
-        with contextlib.suppress(kube.AlreadyExists):
-            await client.create(
-                kube.NAMESPACES,
-                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
-            )
+        await common.ensure_namespace(client, NAMESPACE)
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(1, size + 1):
             queue.put_nowait(i)
@@ -368,23 +356,11 @@ async def create_operations(kubeconfig: str, size: int) -> float:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = 0
-    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            mem = int(line.split()[1]) // 1024
     return {
-        "cpu": cpu,
+        "cpu": common.cpu_model(),
         "cpus": os.cpu_count(),
-        "memory_mib": mem,
-        "python": sys.version.split()[0],
+        "memory_mib": common.memory_kib() // 1024,
+        "python": platform.python_version(),
         "platform": platform.platform(),
         "aiohttp": aiohttp.__version__,
         "load_average_at_end": os.getloadavg(),
@@ -432,8 +408,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=32, help="details clients")
     parser.add_argument("--list-concurrency", type=int, default=4, help="list clients")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    parser.add_argument("--name", default="gateway", help="results file stem")
+    common.add_output_arguments(parser, name="gateway")
     parser.add_argument(
         "--repeat",
         type=int,
@@ -482,17 +457,13 @@ def main() -> int:
         " HTTP alone on this machine at that moment (other jobs share the CPUs)."
     )
     report = {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "when": common.now(),
         "machine": machine(),
         "targets": {"details_req_per_s": 3000, "list_p99_ms_at_100k": 20},
         "runs": runs,
         "notes": notes,
     }
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(report))
-    print(markdown(report))
+    common.write_results(args.out, args.name, report, markdown(report))
     return 0
 
 

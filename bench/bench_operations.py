@@ -39,28 +39,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import io
-import json
 import os
 import pathlib
-import platform
 import pstats
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
-from importlib import metadata
 from typing import Any
 
+import common  # bench/common.py: the script's directory is on sys.path
 from opkeeper import API_VERSION, errors, kube, localcluster
 
-WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE", "APPLY"})
 THROUGHPUT_NS = "bench-throughput"
 LATENCY_NS = "bench-latency"
 CEILING_NS = "bench-ceiling"
@@ -91,36 +85,11 @@ def noop(name: str) -> kube.Body:
     }
 
 
-async def apiserver_writes(client: kube.Client) -> dict[str, float]:
-    """Successful writes so far, by resource, from the API server's own metrics."""
-    async with client.session.get("/metrics") as response:
-        text = await response.text()
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("apiserver_request_total{"):
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-        if labels.get("verb") not in WRITE_VERBS or not labels.get("code", "").startswith("2"):
-            continue
-        resource = labels.get("resource", "")
-        totals[resource] = totals.get(resource, 0.0) + float(line.rsplit(" ", 1)[1])
-    return totals
-
-
-def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
-
-
-async def ensure_namespace(client: kube.Client, name: str) -> None:
-    with contextlib.suppress(kube.AlreadyExists):
-        await client.create(kube.NAMESPACES, {"metadata": {"name": name}})
-
-
 async def ceiling(
     client: kube.Client, *, objects: int, seconds: float, workers: int, meter: CpuMeter
 ) -> tuple[float, dict[str, Any]]:
     """Conditional status merge patches per second on Operations no controller watches."""
-    await ensure_namespace(client, CEILING_NS)
+    await common.ensure_namespace(client, CEILING_NS)
     sem = asyncio.Semaphore(workers)
 
     async def make(i: int) -> str:
@@ -206,7 +175,7 @@ async def run_batch(
     prefix: str,
 ) -> dict[str, Any]:
     """Create n noops (paced at ``rate``/s, or as fast as possible) and time them."""
-    await ensure_namespace(client, namespace)
+    await common.ensure_namespace(client, namespace)
     created: dict[str, float] = {}
     async with Watcher(client, namespace) as watcher:
         sem = asyncio.Semaphore(workers)
@@ -234,22 +203,6 @@ async def run_batch(
     }
 
 
-def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        # The command name (field 2) may hold spaces: count fields after its ")".
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def machine_busy_ticks() -> tuple[int, int]:
     """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
     with open("/proc/stat") as stat:
@@ -268,7 +221,7 @@ class CpuMeter:
         self._wall = 0.0
 
     def _now(self) -> dict[str, float]:
-        now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        now = {name: common.cpu_seconds(pid) for name, pid in self.pids.items()}
         now["load generator (this script)"] = time.process_time()
         return now
 
@@ -325,37 +278,9 @@ def raw_profile_path(args: argparse.Namespace) -> pathlib.Path:
 
 
 def machine(server_version: str) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), cpu
-        )
-    memory = 0.0
-    with contextlib.suppress(OSError), open("/proc/meminfo") as meminfo:
-        memory = next(
-            (
-                round(int(ln.split()[1]) / 1048576, 1)
-                for ln in meminfo
-                if ln.startswith("MemTotal:")
-            ),
-            memory,
-        )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": commit or "unknown",
-        "nproc": os.cpu_count(),
-        "memory_gib": memory,
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "kopf": metadata.version("kopf"),
-        "aiohttp": metadata.version("aiohttp"),
-        "kube_apiserver": server_version,
-        "etcd": localcluster.ETCD_VERSION,
-    }
+    """common.info() under the keys these results have always used ("nproc": cores)."""
+    facts = common.info(kube_apiserver=server_version)
+    return {("nproc" if key == "cores" else key): value for key, value in facts.items()}
 
 
 @contextlib.contextmanager
@@ -376,32 +301,14 @@ def control_plane(kubeconfig: str | None) -> Iterator[tuple[str, dict[str, int]]
 def controller(
     kubeconfig: str, *, events: bool, log: pathlib.Path, profile: pathlib.Path | None
 ) -> Iterator[int]:
-    runner = ["-c", PROFILED_CONTROLLER, str(profile)] if profile else ["-m", "opkeeper.cli"]
-    argv = [
-        sys.executable,
-        *runner,
-        "controller",
-        "--standalone",
-        "-n",
-        THROUGHPUT_NS,
-        "-n",
-        LATENCY_NS,
-        "--system-namespace",
-        SYSTEM_NS,
-        "--log-level",
-        "warning",
-    ]
-    if not events:
-        argv.append("--no-events")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, env={**os.environ, "KUBECONFIG": kubeconfig}, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        yield proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with common.controller(
+        kubeconfig,
+        namespaces=(THROUGHPUT_NS, LATENCY_NS),
+        log=log,
+        options=["--system-namespace", SYSTEM_NS, *([] if events else ["--no-events"])],
+        python=["-c", PROFILED_CONTROLLER, str(profile)] if profile else ["-m", "opkeeper.cli"],
+    ) as process:
+        yield process.pid
 
 
 async def bench(
@@ -421,13 +328,13 @@ async def bench(
         )
         print(f"  ceiling: {ceiling_rate:.0f} status writes/s; CPU: {ceiling_cpu}", flush=True)
         for namespace in (THROUGHPUT_NS, LATENCY_NS):
-            await ensure_namespace(client, namespace)
+            await common.ensure_namespace(client, namespace)
         log = pathlib.Path(tempfile.gettempdir()) / f"{args.name}-controller.log"
         raw_profile = raw_profile_path(args) if args.profile else None
         with controller(kubeconfig, events=args.events, log=log, profile=raw_profile) as pid:
             # Warm-up: the controller is up and has reserved its first id block.
             await run_batch(client, namespace=LATENCY_NS, n=5, rate=None, workers=5, prefix="warm")
-            before = await apiserver_writes(client)
+            before = await common.apiserver_writes(client)
             meter = CpuMeter({"controller": pid, **server_pids})
             meter.start()
             if raw_profile:
@@ -444,7 +351,7 @@ async def bench(
             if raw_profile:
                 os.kill(pid, signal.SIGUSR2)
             throughput_cpu = meter.stop()
-            after = await apiserver_writes(client)
+            after = await common.apiserver_writes(client)
             print(f"  {throughput}", flush=True)
             print(f"  CPU: {throughput_cpu}", flush=True)
             print(f"latency at {args.rate}/s offered ...", flush=True)
@@ -460,10 +367,10 @@ async def bench(
             latency_cpu = meter.stop()
             print(f"  {latency}", flush=True)
             print(f"  CPU: {latency_cpu}", flush=True)
-            rss = peak_rss_mib(pid)
+            rss = common.peak_rss_mib(pid)
     finally:
         await client.close()
-    writes = delta(after, before)
+    writes = common.delta(after, before)
     per_op = {resource: round(count / args.n, 3) for resource, count in writes.items()}
     op_writes = per_op.get("operations", 0.0)
     bound = ceiling_rate / op_writes if op_writes else None
@@ -557,10 +464,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Controller benchmark: builtin-noop Operations",
         "",
-        f"Measured {m['date']} at commit {m['commit']} on {m['nproc']} cores ({m['cpu']}),"
-        f" {m['memory_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']},"
-        f" kopf {m['kopf']}, aiohttp {m['aiohttp']}, kube-apiserver {m['kube_apiserver']},"
-        f" etcd {m['etcd']} (local, loopback). Controller, API server, etcd and load"
+        common.markdown_header(m) + " Controller, API server, etcd and load"
         " generator share the machine. Kubernetes Events per transition:"
         f" {'on' if report['config']['events'] else 'off'}."
         + (
@@ -591,16 +495,13 @@ def main() -> int:
         "--events", action="store_true", help="let the controller post an Event per transition"
     )
     parser.add_argument("--kubeconfig", help="use this cluster instead of a local one")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    parser.add_argument("--name", default="operations", help="result file stem")
+    common.add_output_arguments(parser, name="operations")
     parser.add_argument(
         "--profile",
         metavar="PATH",
         help="profile the controller during the throughput run: summary to PATH",
     )
     args = parser.parse_args()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with control_plane(args.kubeconfig) as (kubeconfig, server_pids):
         try:
             report = asyncio.run(bench(args, kubeconfig, server_pids))
@@ -611,9 +512,7 @@ def main() -> int:
         raw = raw_profile_path(args)
         pathlib.Path(args.profile).write_text(profile_summary(raw))
         print(f"profile: {args.profile} (raw: {raw})")
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(report))
-    print(markdown(report))
+    common.write_results(args.out, args.name, report, markdown(report))
     return 0
 
 

@@ -26,24 +26,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import machine  # bench/machine.py: the script's directory is on sys.path
+import common  # bench/common.py: the script's directory is on sys.path
 from opkeeper import API_VERSION, errors, kube, localcluster, schedule
 
 NAMESPACE = "bench-scheduledtasks"
-WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
 
 
 def utcnow() -> datetime.datetime:
@@ -67,47 +63,17 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
-    found: dict[str, int] = {}
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0])
-    return found
+def verb_and_resource(labels: dict[str, str]) -> str:
+    """Write counts keyed like "PATCH scheduledtasks/status"."""
+    resource = labels.get("resource", "")
+    if labels.get("subresource"):
+        resource += "/" + labels["subresource"]
+    return f"{labels['verb']} {resource}"
 
 
 async def api_writes(client: kube.Client) -> dict[str, int]:
-    """Successful writes per opkeeper/core resource, from the API server's own metrics."""
-    async with client.session.get("/metrics") as response:
-        text = await response.text()
-    totals: dict[str, int] = {}
-    for line in text.splitlines():
-        if not line.startswith("apiserver_request_total{"):
-            continue
-        labels_text, _, value = line[len("apiserver_request_total{") :].rpartition("} ")
-        labels = dict(part.split("=", 1) for part in labels_text.split('",') if "=" in part)
-        labels = {k: v.strip('"') for k, v in labels.items()}
-        if labels.get("verb") not in WRITE_VERBS or not labels.get("code", "").startswith("2"):
-            continue
-        resource = labels.get("resource", "")
-        if labels.get("subresource"):
-            resource += "/" + labels["subresource"]
-        key = f"{labels['verb']} {resource}"
-        totals[key] = totals.get(key, 0) + int(float(value))
-    return totals
-
-
-def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    keys = set(after) | set(before)
-    changed = {k: after.get(k, 0) - before.get(k, 0) for k in keys}
-    return {k: v for k, v in sorted(changed.items()) if v}
+    """Successful writes per verb and resource, from the API server's own metrics."""
+    return await common.apiserver_writes(client, verb_and_resource)
 
 
 class Observer:
@@ -202,48 +168,16 @@ async def create_tasks(
     await asyncio.gather(*(one(i) for i in range(count)))
 
 
-@contextlib.contextmanager
-def controller(kubeconfig: str, log: pathlib.Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "opkeeper.cli",
-                "controller",
-                "--standalone",
-                "-n",
-                NAMESPACE,
-                "--log-level",
-                "warning",
-            ],
-            env={**os.environ, "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield process
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
 async def bench(
     *, kubeconfig: str, tasks: int, spread: float, wait: float, lead: float, workdir: pathlib.Path
 ) -> dict[str, Any]:
     client = kube.Client(kube.Credentials.from_kubeconfig(kubeconfig), connection_limit=64)
-    with contextlib.suppress(kube.AlreadyExists):
-        await client.create(
-            kube.NAMESPACES,
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
-        )
+    await common.ensure_namespace(client, NAMESPACE)
     observer = Observer(client)
     task_watch = asyncio.create_task(observer.watch_tasks())
     watchers = [task_watch, asyncio.create_task(observer.watch_operations())]
-    with controller(kubeconfig, workdir / "controller.log") as process:
+    log = workdir / "controller.log"
+    with common.controller(kubeconfig, namespaces=[NAMESPACE], log=log) as process:
         began = time.time()
         first = utcnow() + datetime.timedelta(seconds=lead)
         await create_tasks(client, count=tasks, first=first, spread=spread, concurrency=32)
@@ -260,16 +194,16 @@ async def bench(
         # The waiting window: every task armed, none due yet.
         writes_before = await api_writes(client)
         changes_before = observer.task_changes
-        rss_waiting = memory_kib(process.pid)
+        rss_waiting = common.memory_of(process.pid)
         await asyncio.sleep(first.timestamp() - 1 - time.time())
-        writes_waiting = delta(await api_writes(client), writes_before)
+        writes_waiting = common.delta(await api_writes(client), writes_before)
         changes_waiting = observer.task_changes - changes_before
         # The firing phase; this process now watches only the Operations, so as
         # not to compete with the controller for the two cores more than a
         # client must.
         task_watch.cancel()
         firing_before = await api_writes(client)
-        cpu_before = cpu_seconds(process.pid)
+        cpu_before = common.cpu_seconds(process.pid)
         await observer.until(
             lambda: len(observer.seen) >= tasks,
             limit=spread + 300,
@@ -280,10 +214,10 @@ async def bench(
             if time.time() > settle:
                 raise SystemExit(f"only {done} of {tasks} tasks Completed after 300 s")
             await asyncio.sleep(2)
-        firing = delta(await api_writes(client), firing_before)
-        cpu_firing = cpu_seconds(process.pid) - cpu_before
+        firing = common.delta(await api_writes(client), firing_before)
+        cpu_firing = common.cpu_seconds(process.pid) - cpu_before
         load = os.getloadavg()[1]
-        rss_end = memory_kib(process.pid)
+        rss_end = common.memory_of(process.pid)
     for watcher in watchers:
         watcher.cancel()
     await asyncio.gather(*watchers, return_exceptions=True)
@@ -315,7 +249,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# ScheduledTask benchmark",
         "",
-        machine.markdown_header(report["machine"]),
+        common.markdown_header(report["machine"]),
+        "",
         "One-shot ScheduledTasks due evenly over the spread, after all of them waited armed."
         " The controller runs in its own process and also executes the created builtin noop"
         " Operations (the Operation controller shares the process). Lateness is measured by"
@@ -372,8 +307,7 @@ def main() -> int:
         help="seconds from start to the first run (default: enough to create and arm, + wait)",
     )
     parser.add_argument("--kubeconfig", help="use this cluster instead of a fresh local one")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    parser.add_argument("--name", default="scheduledtasks", help="results file stem")
+    common.add_output_arguments(parser, name="scheduledtasks")
     parser.add_argument(
         "--append", action="store_true", help="add this run to the existing results file"
     )
@@ -394,18 +328,14 @@ def main() -> int:
                           spread=args.spread, wait=args.wait, lead=lead, workdir=workdir)
                 )  # fmt: skip
     run["command"] = "python bench/bench_scheduledtasks.py " + " ".join(sys.argv[1:])
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = out / f"{args.name}.json"
+    previous = pathlib.Path(args.out) / f"{args.name}.json"
     runs = json.loads(previous.read_text())["runs"] if args.append and previous.exists() else []
     report = {
-        "machine": machine.info(),
+        "machine": common.info(),
         "targets": {"p99_lateness_ms": 1000, "writes_while_waiting": 0},
         "runs": [*runs, run],
     }
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(report))
-    print(markdown(report))
+    common.write_results(args.out, args.name, report, markdown(report))
     return 0
 
 
