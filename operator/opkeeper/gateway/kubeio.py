@@ -17,8 +17,8 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import Any, Literal, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
 import aiohttp
 
@@ -124,20 +124,22 @@ class Upstream:
         )
 
 
-async def feed(
-    events: AsyncIterator[kube.WatchEvent],
-    *,
-    reset: Callable[[list[dict[str, Any]]], None],
-    apply: Callable[[str, Mapping[str, Any]], None],
-    synced: asyncio.Event,
-) -> None:
+class Fed(Protocol):
+    """A cache that a list+watch stream keeps current."""
+
+    def reset(self, objects: Iterable[Mapping[str, Any]]) -> None: ...
+
+    def apply(self, *, event: str, obj: Mapping[str, Any]) -> None: ...
+
+
+async def feed(events: AsyncIterator[kube.WatchEvent], *, into: Fed, synced: asyncio.Event) -> None:
     """Apply a stream's events to a cache until cancelled."""
     async for event in events:
         if event.type == "SYNC":
-            reset(event.objects or [])
+            into.reset(event.objects or [])
             synced.set()
         elif event.object is not None:
-            apply(event.type, event.object)
+            into.apply(event=event.type, obj=event.object)
 
 
 class DryRun:

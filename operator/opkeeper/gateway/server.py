@@ -136,38 +136,20 @@ class Gateway:
 
     def start_feeds(self) -> None:
         """Start the list+watch feeds and the purge loop (call inside the event loop)."""
-        ops_stream = self.kube.stream(kube.OPERATIONS)
-        tasks_stream = self.kube.stream(kube.SCHEDULED_TASKS)
-        keys_stream = self.kube.stream(
-            kubeio.SECRETS, namespace=self.settings.keyring.namespace, label_selector=auth.LABEL
-        )
-        self._spawn(
-            "feed-operations",
-            kubeio.feed(
-                ops_stream,
-                reset=self.operations.reset,
-                apply=lambda event, obj: self.operations.apply(event=event, obj=obj),
-                synced=self.synced["operations"],
+        feeds: dict[str, tuple[AsyncIterator[kube.WatchEvent], kubeio.Fed]] = {
+            "operations": (self.kube.stream(kube.OPERATIONS), self.operations),
+            "scheduledtasks": (self.kube.stream(kube.SCHEDULED_TASKS), self.tasks),
+            "keys": (
+                self.kube.stream(
+                    kubeio.SECRETS,
+                    namespace=self.settings.keyring.namespace,
+                    label_selector=auth.LABEL,
+                ),
+                self.keyring,
             ),
-        )
-        self._spawn(
-            "feed-scheduledtasks",
-            kubeio.feed(
-                tasks_stream,
-                reset=self.tasks.reset,
-                apply=lambda event, obj: self.tasks.apply(event=event, obj=obj),
-                synced=self.synced["scheduledtasks"],
-            ),
-        )
-        self._spawn(
-            "feed-keys",
-            kubeio.feed(
-                keys_stream,
-                reset=self.keyring.reset,
-                apply=lambda event, obj: self.keyring.apply(event=event, obj=obj),
-                synced=self.synced["keys"],
-            ),
-        )
+        }
+        for name, (stream, target) in feeds.items():
+            self._spawn(f"feed-{name}", kubeio.feed(stream, into=target, synced=self.synced[name]))
         self._spawn("calllog-purge", self._purge_forever())
 
     def _spawn(self, name: str, coro: Any) -> None:
