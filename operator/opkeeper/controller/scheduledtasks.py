@@ -403,6 +403,8 @@ class Reconciler:
         template = task["spec"]["template"]
         template_meta = template.get("metadata") or {}
         fired_at = utcnow()
+        # The id label set at creation spares the Operation controller its label write.
+        op_id = await self._ids.allocate()
         operation = {
             "apiVersion": API_VERSION,
             "kind": "Operation",
@@ -411,6 +413,7 @@ class Reconciler:
                 "labels": {
                     **(template_meta.get("labels") or {}),
                     schedule.LABEL_TASK: schedule.label_value(meta["name"]),
+                    ids.LABEL: str(op_id),
                 },
                 "annotations": {
                     **(template_meta.get("annotations") or {}),
