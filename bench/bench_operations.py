@@ -203,14 +203,6 @@ async def run_batch(
     }
 
 
-def machine_busy_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
-    with open("/proc/stat") as stat:
-        ticks = [int(v) for v in stat.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return sum(ticks) - idle, sum(ticks)
-
-
 class CpuMeter:
     """CPU seconds used by given processes (and this one) between start() and stop()."""
 
@@ -227,13 +219,13 @@ class CpuMeter:
 
     def start(self) -> None:
         self._before = self._now()
-        self._machine = machine_busy_ticks()
+        self._machine = common.machine_busy_ticks()
         self._wall = time.monotonic()
 
     def stop(self) -> dict[str, Any]:
         wall = time.monotonic() - self._wall
         used = {k: v - self._before[k] for k, v in self._now().items()}
-        busy, total = machine_busy_ticks()
+        busy, total = common.machine_busy_ticks()
         share = (busy - self._machine[0]) / max(1, total - self._machine[1])
         return {
             "wall_s": round(wall, 2),
@@ -241,11 +233,6 @@ class CpuMeter:
             "cores_busy": round(sum(used.values()) / wall, 2),
             "machine_cores_busy": round(share * (os.cpu_count() or 1), 2),
         }
-
-
-def process_name(pid: int) -> str:
-    with open(f"/proc/{pid}/comm") as comm:
-        return comm.read().strip()
 
 
 def profile_summary(raw: pathlib.Path, *, top: int = 60) -> str:
@@ -294,7 +281,7 @@ def control_plane(kubeconfig: str | None) -> Iterator[tuple[str, dict[str, int]]
         state = localcluster.running(pathlib.Path(tmp)) or {}
         pids = state.get("pids")
         assert isinstance(pids, list)
-        yield str(local.kubeconfig), {process_name(int(pid)): int(pid) for pid in pids}
+        yield str(local.kubeconfig), {common.process_name(int(pid)): int(pid) for pid in pids}
 
 
 @contextlib.contextmanager

@@ -16,6 +16,10 @@ Measured:
   own ``apiserver_request_total`` (target: 0), plus the ScheduledTask watch
   events seen in that window (a write would show up there too);
 * writes per run over the whole firing phase, by resource;
+* CPU seconds per run while firing, by process (controller, and the API
+  server and etcd when started here; utime + stime from /proc), and how busy
+  the whole machine was: lateness on 2 shared cores is queueing, and CPU per
+  run says who the cores worked for;
 * the controller's peak RSS (VmHWM) and its RSS while 10,000 tasks wait.
 
 Usage: python bench/bench_scheduledtasks.py [--tasks 10000] [--spread 180] [--append]
@@ -169,7 +173,14 @@ async def create_tasks(
 
 
 async def bench(
-    *, kubeconfig: str, tasks: int, spread: float, wait: float, lead: float, workdir: pathlib.Path
+    *,
+    kubeconfig: str,
+    server_pids: dict[str, int],
+    tasks: int,
+    spread: float,
+    wait: float,
+    lead: float,
+    workdir: pathlib.Path,
 ) -> dict[str, Any]:
     client = kube.Client(kube.Credentials.from_kubeconfig(kubeconfig), connection_limit=64)
     await common.ensure_namespace(client, NAMESPACE)
@@ -203,7 +214,11 @@ async def bench(
         # client must.
         task_watch.cancel()
         firing_before = await api_writes(client)
-        cpu_before = common.cpu_seconds(process.pid)
+        pids = {"controller": process.pid, **server_pids}
+        cpu_before = {name: common.cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_before["load generator (this script)"] = time.process_time()
+        machine_before = common.machine_busy_ticks()
+        firing_began = time.monotonic()
         await observer.until(
             lambda: len(observer.seen) >= tasks,
             limit=spread + 300,
@@ -215,7 +230,10 @@ async def bench(
                 raise SystemExit(f"only {done} of {tasks} tasks Completed after 300 s")
             await asyncio.sleep(2)
         firing = common.delta(await api_writes(client), firing_before)
-        cpu_firing = common.cpu_seconds(process.pid) - cpu_before
+        cpu_after = {name: common.cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_after["load generator (this script)"] = time.process_time()
+        busy, total = common.machine_busy_ticks()
+        firing_wall = time.monotonic() - firing_began
         load = os.getloadavg()[1]
         rss_end = common.memory_of(process.pid)
     for watcher in watchers:
@@ -237,7 +255,18 @@ async def bench(
         "lateness_seen": summary(observer.lateness_seen),
         "writes_while_firing": firing,
         "writes_per_run": {k: round(v / tasks, 2) for k, v in firing.items()},
-        "controller_cpu_ms_per_run": round(cpu_firing / tasks * 1000, 2),
+        "controller_cpu_ms_per_run": round(
+            (cpu_after["controller"] - cpu_before["controller"]) / tasks * 1000, 2
+        ),
+        "cpu_ms_per_run": {
+            name: round((cpu_after[name] - cpu_before[name]) / tasks * 1000, 2)
+            for name in cpu_after
+        },
+        "firing_wall_s": round(firing_wall, 1),
+        "machine_cores_busy_firing": round(
+            (busy - machine_before[0]) / max(1, total - machine_before[1]) * (os.cpu_count() or 1),
+            2,
+        ),
         "load_average_5min_after_firing": round(load, 2),
         "controller_rss_waiting_mib": round(rss_waiting["VmRSS"] / 1024, 1),
         "controller_peak_rss_mib": round(rss_end["VmHWM"] / 1024, 1),
@@ -282,6 +311,11 @@ def markdown(report: dict[str, Any]) -> str:
             f" {run.get('controller_cpu_ms_per_run', 'n/a')} ms | |",
             f"| creating the tasks / all armed after | {run['create_s']} s /"
             f" {run['armed_after_s']} s | |",
+            f"| CPU ms per run while firing, by process |"
+            f" {', '.join(f'{k} {v}' for k, v in run.get('cpu_ms_per_run', {}).items()) or 'n/a'}"
+            " | |",
+            f"| cores busy while firing (whole machine, of {os.cpu_count()}) |"
+            f" {run.get('machine_cores_busy_firing', 'n/a')} | |",
             f"| machine load average (5 min) after firing |"
             f" {run.get('load_average_5min_after_firing', 'n/a')} | 2 cores |",
             "",
@@ -318,14 +352,19 @@ def main() -> int:
         workdir = pathlib.Path(state)
         if args.kubeconfig:
             run = asyncio.run(
-                bench(kubeconfig=args.kubeconfig, tasks=args.tasks, spread=args.spread,
-                      wait=args.wait, lead=lead, workdir=workdir)
+                bench(kubeconfig=args.kubeconfig, server_pids={}, tasks=args.tasks,
+                      spread=args.spread, wait=args.wait, lead=lead, workdir=workdir)
             )  # fmt: skip
         else:
             with localcluster.started(workdir / "cluster") as cluster:
+                facts = localcluster.running(workdir / "cluster") or {}
+                listed = facts.get("pids")
+                assert isinstance(listed, list)
+                server_pids = {common.process_name(int(pid)): int(pid) for pid in listed}
                 run = asyncio.run(
-                    bench(kubeconfig=str(cluster.kubeconfig), tasks=args.tasks,
-                          spread=args.spread, wait=args.wait, lead=lead, workdir=workdir)
+                    bench(kubeconfig=str(cluster.kubeconfig), server_pids=server_pids,
+                          tasks=args.tasks, spread=args.spread, wait=args.wait, lead=lead,
+                          workdir=workdir)
                 )  # fmt: skip
     run["command"] = "python bench/bench_scheduledtasks.py " + " ".join(sys.argv[1:])
     previous = pathlib.Path(args.out) / f"{args.name}.json"

@@ -120,6 +120,19 @@ def peak_rss_mib(pid: int | str = "self") -> float:
     return round(memory_of(pid).get("VmHWM", 0) / 1024, 1)
 
 
+def process_name(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as comm:
+        return comm.read().strip()
+
+
+def machine_busy_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process so far."""
     # The command name (field 2) may hold spaces: count fields after its ")".

@@ -1,5 +1,5 @@
 """Pure parts of the controller: merge patches, the work queue, builtin progress,
-kopf's diff-base storage."""
+kopf's diff-base storage, the Event rate limit."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any, cast
 import kopf
 import pytest
 
-from opkeeper import models, states
+from opkeeper import kube, models, states
 from opkeeper.controller import STORAGE_PREFIX, DiffBaseStorage
+from opkeeper.controller.events import EventPoster
 from opkeeper.controller.operations import merge_diff
 from opkeeper.controller.workqueue import WorkQueue
 from opkeeper.executors import base, builtin
@@ -139,3 +140,25 @@ def test_diffbase_storage_matches_kopfs_own(
     assert body == before  # the event body is not touched ...
     for value in essence.values():  # ... and the essence shares nothing with it
         assert all(value is not v for v in body.values())
+
+
+def test_events_beyond_the_burst_and_rate_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("opkeeper.controller.events.time.monotonic", lambda: clock[0])
+    client = kube.Client(kube.Credentials(server="http://127.0.0.1:1", ssl_context=False))
+    poster = EventPoster(client, enabled=True, qps=2.0, burst=3)
+    about = {"metadata": {"name": "op", "namespace": "a", "uid": "u"}}
+
+    def post(count: int) -> None:
+        for _ in range(count):
+            poster.post(about, type="Normal", reason="Started", message="")
+
+    async def scenario() -> list[int]:
+        post(5)  # the burst: 3 queued, 2 dropped
+        queued = [poster._queue.qsize()]
+        clock[0] += 1.0  # one second refills qps=2 tokens
+        post(5)
+        queued.append(poster._queue.qsize())
+        return queued
+
+    assert asyncio.run(scenario()) == [3, 5]

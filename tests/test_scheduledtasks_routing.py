@@ -16,7 +16,7 @@ from opkeeper.controller.events import EventPoster
 from opkeeper.controller.scheduledtasks import Reconciler, _TaskCache
 
 
-def reconciler(*, namespaces: tuple[str, ...] = ("a",), all_namespaces: bool = False) -> Reconciler:
+def reconciler() -> Reconciler:
     client = kube.Client(kube.Credentials(server="http://127.0.0.1:1", ssl_context=False))
     return Reconciler(
         client=client,
@@ -24,8 +24,6 @@ def reconciler(*, namespaces: tuple[str, ...] = ("a",), all_namespaces: bool = F
         events=EventPoster(client, enabled=False),
         workers=1,
         error_max_delay=1,
-        namespaces=namespaces,
-        all_namespaces=all_namespaces,
     )
 
 
@@ -137,28 +135,3 @@ def test_operations_of_deleted_tasks_do_not_accumulate() -> None:
     assert "task-uid" in r._caches  # kept: its task may simply not be listed yet
     r.observe_operation(event_type="DELETED", body=operation("t-0", "Succeeded"))
     assert "task-uid" not in r._caches
-
-
-def test_namespace_scopes() -> None:
-    plain = reconciler(namespaces=("a", "b"))._scopes()
-    assert [namespace for namespace, _ in plain] == ["a", "b"]
-    ((namespace, matches),) = reconciler(namespaces=("team-*", "!team-x"))._scopes()
-    assert namespace is None
-    assert matches("team-a")
-    assert not matches("team-x")
-    assert not matches("other")
-    ((namespace, matches),) = reconciler(namespaces=(), all_namespaces=True)._scopes()
-    assert namespace is None
-    assert matches("anything")
-
-
-def test_a_relist_forgets_tasks_deleted_meanwhile() -> None:
-    r = reconciler()
-    r.observe_task(event_type=None, body=task(1))
-    r.timers.schedule("task-uid", 1e12)
-    other = task(5)
-    other["metadata"]["uid"] = "other-uid"
-    r._sync([other], "a", lambda _: True)
-    assert "task-uid" not in r._bodies
-    assert "task-uid" not in r.timers
-    assert "other-uid" in r._bodies

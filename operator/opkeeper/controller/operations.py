@@ -1,9 +1,13 @@
 """The Operation reconciler: one event-driven state machine per operation.
 
-kopf delivers watch events (one ``on.event`` handler, no kopf progress or
-diff-base annotations, so kopf itself writes nothing); everything else is
-ours: a cache of the latest version of each Operation, a keyed work queue
-with in-memory timers, and one reconcile function that reads the cached
+Operation watch events come from the controller's own list+watch stream
+(:mod:`opkeeper.controller.streams`), not from kopf, whose per-event
+processing was about 30% of the controller's CPU per Operation (see
+docs/controller.md); kopf never sees, let alone writes, an Operation. Only
+the events of Jobs this controller started still come through a kopf
+``on.event`` handler. Everything else is ours:
+a cache of the latest version of each Operation, a keyed work queue with
+in-memory timers, and one reconcile function that reads the cached
 object, asks :mod:`opkeeper.states` for every state change, lets the
 executor act, and then writes at most one status patch (conditional on the
 resourceVersion it read) plus, once, the id label.
@@ -27,7 +31,7 @@ from typing import Any, Literal
 import kopf
 import pydantic
 
-from opkeeper import GROUP, VERSION, errors, ids, kube, models, states
+from opkeeper import errors, ids, kube, models, states
 from opkeeper.controller import metrics
 from opkeeper.controller.events import EventPoster
 from opkeeper.controller.settings import Settings
@@ -774,11 +778,8 @@ class Reconciler:
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    """Route Operation and Job watch events to the reconciler in ``memo.operations``."""
-
-    @kopf.on.event(GROUP, VERSION, "operations", registry=registry)
-    async def operation_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo.operations.observe(event_type=event["type"], body=event["object"])
+    """Route the watch events of Jobs an operation started to the reconciler in
+    ``memo.operations`` (Operations themselves come from :mod:`.streams`)."""
 
     @kopf.on.event(
         "batch", "v1", "jobs", labels={job.OPERATION_UID_LABEL: kopf.PRESENT}, registry=registry

@@ -10,14 +10,15 @@ Why it is built this way:
   annotation, no diff-base, no finalizer), and the waiting is one heap entry
   per task in a single :class:`opkeeper.schedule.TimerQueue`. After a restart
   every task is seen again on the initial listing and re-armed from its status.
-* ScheduledTasks are watched with our own list+watch
-  (:meth:`opkeeper.kube.Client.stream`), not ``kopf.on.event``: kopf spends
-  about 4 ms of CPU per event (it deep-copies every body for its diff base
-  even for event handlers), which made it the bottleneck of firing 10,000
-  runs over three minutes (bench/bench_scheduledtasks.py). The stream's SYNC
-  after every (re)list also tells us of deletions missed while disconnected.
-  Operation events still come through kopf, which processes them for the
-  Operation controller anyway; kopf also runs our startup and cleanup.
+* Watch events come from the controller's own list+watch streams
+  (:mod:`opkeeper.controller.streams`), not ``kopf.on.event``: kopf spends
+  about 1.4 ms of CPU per event, and every run brings events of the task
+  (the echoes of its two status writes) and of its Operation (creation,
+  status write); that made kopf the bottleneck of firing 10,000 runs over
+  three minutes (bench/bench_scheduledtasks.py). The one Operation stream
+  feeds both this reconciler (:meth:`Reconciler.observe_operation`) and the
+  Operation reconciler, and a relist reports deletions missed while
+  disconnected.
 * Exactly once. A due run is first *claimed* with a status write that is
   conditional on the resourceVersion we decided on (lastScheduleTime,
   lastOperation, active), then the Operation is created under the name
@@ -43,17 +44,13 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import fnmatch
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
 
-import kopf
 import prometheus_client
 import pydantic
 
-from opkeeper import API_VERSION, GROUP, VERSION, errors, ids, kube, models, schedule, states
+from opkeeper import API_VERSION, errors, ids, kube, models, schedule, states
 from opkeeper.controller.events import EventPoster
 from opkeeper.controller.workqueue import WorkQueue
 
@@ -134,18 +131,14 @@ class Reconciler:
         events: EventPoster,
         workers: int,
         error_max_delay: float,
-        namespaces: Sequence[str],
-        all_namespaces: bool,
     ) -> None:
         self._client = client
         self._ids = allocator
         self._events = events
         self._error_max_delay = error_max_delay
-        self._namespaces = tuple(namespaces)
-        self._all_namespaces = all_namespaces
         self.queue = WorkQueue(self._reconcile_key, workers=workers)
         self.timers: schedule.TimerQueue[str] = schedule.TimerQueue(on_due=self.queue.add)
-        self._background: list[asyncio.Task[None]] = []
+        self._timers_task: asyncio.Task[None] | None = None
         self._bodies: dict[str, kube.Body] = {}
         self._caches: dict[str, _TaskCache] = {}
 
@@ -224,62 +217,13 @@ class Reconciler:
 
     def start(self) -> None:
         self.queue.start()
-        self._background = [
-            asyncio.create_task(self.timers.run(), name="scheduledtask-timers"),
-            *(
-                asyncio.create_task(self._watch(namespace, matches), name="scheduledtask-watch")
-                for namespace, matches in self._scopes()
-            ),
-        ]
+        self._timers_task = asyncio.create_task(self.timers.run(), name="scheduledtask-timers")
 
     async def stop(self) -> None:
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._timers_task is not None:
+            self._timers_task.cancel()
+            await asyncio.gather(self._timers_task, return_exceptions=True)
         await self.queue.stop()
-
-    def _scopes(self) -> list[tuple[str | None, Callable[[str], bool]]]:
-        """What to watch: one stream per plain namespace; one cluster-wide stream,
-        filtered here, for ``--all-namespaces`` or kopf-style patterns (``ns-*``, ``!ns``)."""
-        patterns = self._namespaces
-        if not self._all_namespaces and not any(set(p) & set("*?[!") for p in patterns):
-            return [(namespace, lambda _: True) for namespace in patterns]
-        include = [p for p in patterns if not p.startswith("!")]
-        exclude = [p[1:] for p in patterns if p.startswith("!")]
-
-        def matches(namespace: str) -> bool:
-            wanted = self._all_namespaces or any(fnmatch.fnmatch(namespace, p) for p in include)
-            return wanted and not any(fnmatch.fnmatch(namespace, p) for p in exclude)
-
-        return [(None, matches)]
-
-    async def _watch(self, namespace: str | None, matches: Callable[[str], bool]) -> None:
-        while True:
-            try:
-                async for event in self._client.stream(kube.SCHEDULED_TASKS, namespace=namespace):
-                    if event.type == "SYNC":
-                        self._sync(event.objects or [], namespace, matches)
-                    elif event.object is not None and matches(
-                        event.object["metadata"]["namespace"]
-                    ):
-                        self.observe_task(event_type=event.type, body=event.object)
-            except errors.OpkeeperError as exc:
-                # e.g. Forbidden while RBAC is being rolled out: keep trying.
-                logger.error("watching scheduledtasks failed, retrying in 10s: %s", exc)
-                await asyncio.sleep(10)
-
-    def _sync(
-        self, bodies: list[kube.Body], namespace: str | None, matches: Callable[[str], bool]
-    ) -> None:
-        """A complete listing: forget tasks deleted while the watch was down, take the rest."""
-        listed = {b["metadata"]["uid"] for b in bodies if matches(b["metadata"]["namespace"])}
-        for uid, body in list(self._bodies.items()):
-            in_scope = namespace is None or body["metadata"]["namespace"] == namespace
-            if in_scope and uid not in listed:
-                self._forget(uid)
-        for body in bodies:
-            if body["metadata"]["uid"] in listed:
-                self.observe_task(event_type=None, body=body)
 
     # --- the reconcile ----------------------------------------------------------
 
@@ -494,44 +438,3 @@ class Reconciler:
                 f"{', '.join((body.get('status') or {}).get('active') or [])} to finish"
                 " (concurrencyPolicy Forbid)",
             )
-
-
-def register(registry: kopf.OperatorRegistry) -> None:
-    """Run a :class:`Reconciler` with the operator and route Operation events to it.
-
-    The reconciler is built at kopf's startup from ``memo.runtime`` (client, id
-    allocator, Event poster, settings) and kept in ``memo.scheduledtasks``;
-    startup runs before any watch, so every per-object memo copy has it. It
-    watches ScheduledTasks itself (see the module docstring).
-    """
-
-    @kopf.on.startup(registry=registry)
-    async def scheduledtasks_startup(memo: kopf.Memo, **_: Any) -> None:
-        runtime = memo.runtime
-        reconciler = Reconciler(
-            client=runtime.client,
-            allocator=runtime.ids,
-            events=runtime.events,
-            workers=runtime.settings.workers,
-            error_max_delay=runtime.settings.error_max_delay,
-            namespaces=runtime.settings.namespaces,
-            all_namespaces=runtime.settings.all_namespaces,
-        )
-        reconciler.start()
-        memo.scheduledtasks = reconciler
-
-    @kopf.on.cleanup(registry=registry)
-    async def scheduledtasks_cleanup(memo: kopf.Memo, **_: Any) -> None:
-        await memo.scheduledtasks.stop()
-
-    @kopf.on.event(
-        GROUP,
-        VERSION,
-        "operations",
-        labels={schedule.LABEL_TASK: kopf.PRESENT},
-        registry=registry,
-    )
-    async def scheduledtask_operation_event(
-        event: kopf.RawEvent, memo: kopf.Memo, **_: Any
-    ) -> None:
-        memo.scheduledtasks.observe_operation(event_type=event["type"], body=event["object"])

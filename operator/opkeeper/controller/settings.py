@@ -30,6 +30,14 @@ class Settings:
     post_events: bool = True
     """Post a Kubernetes Event on each transition. Each Event is an API write: the
     benchmark reports them separately."""
+    event_qps: float = 10.0
+    """Events posted per second at most, on average (a token bucket; beyond it they are
+    dropped). Events are a courtesy: under a burst (56 ScheduledTask runs per second
+    bring 168 Events per second) they must not take the API server's CPU from the
+    writes that fire and finish runs. The kubelet's ``--event-qps`` does the same."""
+    event_burst: int = 100
+    """Events posted at once before ``event_qps`` applies: a quiet controller's Events
+    (a few transitions a second) are never dropped."""
     coalesce_seconds: float = 2.0
     """Minimum gap, in seconds, between two controller writes to one operation that
     only carry progress or ``updatedAt`` (worker reports, sleep steps). Transitions are
