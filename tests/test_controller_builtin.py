@@ -8,6 +8,7 @@ deadlines, retries with backoff, TTL, `kubectl wait` and the metrics.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import kubernetes
 import prometheus_client
 import pytest
 
+from opkeeper import ids, kube
 from tests.helpers import Ops, controller_in_thread, wait_for
 
 NOOP: dict[str, Any] = {"type": "test_noop", "executor": {"builtin": {"action": "noop"}}}
@@ -60,13 +62,42 @@ def test_noop_succeeds_with_id_label_condition_and_events(ops: Ops) -> None:
     )
 
 
-def test_ids_are_unique_and_a_preset_label_is_kept(ops: Ops) -> None:
+def _sealed(kubeconfig: str, *, namespace: str, name: str) -> ids.Stamp:
+    """An id stamped as the gateway stamps one (same key Secret as the controller's)."""
+
+    async def stamp() -> ids.Stamp:
+        async with kube.Client(kube.Credentials.from_kubeconfig(kubeconfig)) as client:
+            allocator = ids.IdAllocator(client, namespace="opkeeper-system")
+            seal = ids.IdSeal(client, namespace="opkeeper-system")
+            return await seal.stamp(await allocator.allocate(), namespace=namespace, name=name)
+
+    return asyncio.run(stamp())
+
+
+def test_ids_are_unique_and_only_a_sealed_preset_label_is_kept(cluster: Any, ops: Ops) -> None:
     for i in range(5):
         ops.create(f"many-{i}", NOOP)
-    ops.create("preset", NOOP, labels={"opkeeper.dev/id": "987654"})
     found = [ops.wait_state(f"many-{i}", "Succeeded")["id"] for i in range(5)]
     assert len(set(found)) == 5
-    assert ops.wait_state("preset", "Succeeded")["id"] == 987654
+    stamp = _sealed(cluster.kubeconfig, namespace=ops.namespace, name="sealed")
+    ops.create("sealed", NOOP, labels=dict(stamp.labels), annotations=dict(stamp.annotations))
+    assert ops.wait_state("sealed", "Succeeded")["id"] == stamp.id
+    # A tenant claiming an existing id with a bare label, or by copying a seal made for
+    # another object, gets a fresh id, and the label is corrected to it.
+    ops.create("claims-many-0", NOOP, labels={ids.LABEL: str(found[0])})
+    ops.create(
+        "copied-seal",
+        NOOP,
+        labels={ids.LABEL: str(stamp.id)},
+        annotations=dict(stamp.annotations),
+    )
+    for name in ("claims-many-0", "copied-seal"):
+        given = ops.wait_state(name, "Succeeded")["id"]
+        assert given not in (*found, stamp.id)
+        wait_for(
+            lambda n=name, g=given: ops.get(n)["metadata"]["labels"][ids.LABEL] == str(g),
+            what=f"the label of {name} corrected to its id",
+        )
 
 
 def test_sleep_reports_progress_steps_then_succeeds(ops: Ops) -> None:

@@ -70,7 +70,7 @@ class Task:
                 self.status[key] = value
         if result.fire is not None:
             self.operations[result.fire.name] = schedule.OperationInfo(
-                name=result.fire.name, state=None, created=now
+                name=result.fire.name, state=None, created=now, run=result.fire.run
             )
         for name in result.delete:
             del self.operations[name]
@@ -417,3 +417,81 @@ def test_a_known_operation_wins_over_in_flight() -> None:
     task.finish("nightly-202601011000")
     task.in_flight.add("nightly-202601011000")
     assert task.plan(at(2026, 1, 1, 10, 1)).status == {"active": None, "state": "Scheduled"}
+
+
+def crashed_before_recording(task: Task, now: datetime.datetime) -> str:
+    """Fire at ``now`` the way the controller does (create first), then lose the record:
+    the Operation exists, the status is as before the run."""
+    before = dict(task.status)
+    fired = task.step(now)
+    assert fired.fire is not None
+    task.status = before
+    return fired.fire.name
+
+
+@pytest.mark.parametrize("late", [datetime.timedelta(seconds=30), datetime.timedelta(hours=2)])
+def test_a_created_but_unrecorded_one_shot_counts_as_started(late: datetime.timedelta) -> None:
+    # Within the deadline (30 s) and past it (2 h): never created again, never missed.
+    task = Task(spec={"execAt": "2026-01-01T12:00:00Z", "startingDeadlineSeconds": 60})
+    task.step(at(2026, 1, 1, 9, 30, 1))
+    name = crashed_before_recording(task, at(2026, 1, 1, 12))
+    restarted = task.step(at(2026, 1, 1, 12) + late)
+    assert restarted.fire is None
+    assert restarted.notices == ()
+    assert restarted.status == {
+        "lastScheduleTime": "2026-01-01T12:00:00Z",
+        "lastOperation": name,
+        "active": [name],
+        "state": "Triggered",
+        "nextRunAt": None,
+    }
+    task.finish(name)
+    assert task.step(at(2026, 1, 1, 14, 1)).status == {"active": None, "state": "Completed"}
+
+
+@pytest.mark.parametrize("late", [datetime.timedelta(seconds=30), datetime.timedelta(minutes=20)])
+def test_a_created_but_unrecorded_cron_run_counts_as_started(late: datetime.timedelta) -> None:
+    task = cron(startingDeadlineSeconds=60, concurrencyPolicy="Forbid")
+    task.step(at(2026, 1, 1, 9, 30, 1))
+    name = crashed_before_recording(task, at(2026, 1, 1, 10))
+    task.finish(name)
+    restarted = task.step(at(2026, 1, 1, 10) + late)
+    assert restarted.fire is None
+    assert restarted.notices == ()
+    assert restarted.status == {
+        "lastScheduleTime": "2026-01-01T10:00:00Z",
+        "lastOperation": name,
+        "nextRunAt": "2026-01-01T11:00:00Z",
+    }
+
+
+def test_runs_after_an_unrecorded_one_are_owed_and_it_is_not_held_by_itself() -> None:
+    # Created 10:00, not recorded, controller down until 12:00:30: 10:00 was started,
+    # 11:00 was superseded (missed), 12:00 starts; Forbid does not hold 10:00 for itself
+    # but does hold 12:00 while 10:00 runs.
+    task = cron(concurrencyPolicy="Forbid")
+    task.step(at(2026, 1, 1, 9, 30, 1))
+    name = crashed_before_recording(task, at(2026, 1, 1, 10))
+    held = task.step(at(2026, 1, 1, 12, 0, 30))
+    assert held.fire is None
+    assert held.held == at(2026, 1, 1, 12)
+    assert held.status["lastOperation"] == name
+    assert held.status["active"] == [name]
+    task.finish(name)
+    started = task.step(at(2026, 1, 1, 12, 0, 31))
+    assert started.fire is not None
+    assert started.fire.run == at(2026, 1, 1, 12)
+    assert started.status["missedRuns"] == 1
+    assert started.status["lastMissedTime"] == "2026-01-01T11:00:00Z"
+    assert started.status["nextRunAt"] == "2026-01-01T13:00:00Z"
+    assert [n.reason for n in started.notices] == ["MissedRun", "Triggered"]
+
+
+def test_an_operation_of_an_earlier_exec_at_is_not_taken_for_the_new_run() -> None:
+    task = Task(spec={"execAt": "2026-01-01T12:00:00Z"})
+    task.step(at(2026, 1, 1, 9, 30, 1))
+    crashed_before_recording(task, at(2026, 1, 1, 12))
+    task.edit(execAt="2026-01-01T12:30:00Z")
+    fired = task.step(at(2026, 1, 1, 12, 30))
+    assert fired.fire is not None
+    assert fired.fire.name == "nightly-202601011230"

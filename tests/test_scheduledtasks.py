@@ -236,7 +236,8 @@ def test_replace_cancels_the_active_run(tasks: Tasks) -> None:
     tasks.ops.wait_state(first, "Running")
     tasks.patch("replace", {"execAt": iso(soon(1))})
     found = tasks.wait_operations("replace", 2)
-    assert tasks.ops.get(first)["spec"]["cancel"] is True
+    # The cancel is written right after the create: it may not be visible yet.
+    wait_for(lambda: tasks.ops.get(first)["spec"].get("cancel") is True, what="the cancel")
     tasks.ops.wait_state(first, "Cancelled")
     second = next(n for n in found if n != first)
     # The cancelled run counts as active until it has stopped, then only the new one is.

@@ -21,6 +21,7 @@ def reconciler() -> Reconciler:
     return Reconciler(
         client=client,
         allocator=ids.IdAllocator(client),
+        seal=ids.IdSeal(client, namespace="opkeeper-system"),
         events=EventPoster(client, enabled=False),
         workers=1,
         error_max_delay=1,

@@ -13,13 +13,31 @@ never reused, because the counter only ever moves forward.
 Ids are unique cluster-wide and increase within one allocator; two
 allocators interleave by blocks (a block size of 1 makes them globally
 ordered, at one write per id).
+
+Whoever creates an Operation and must answer with its id at once (the
+gateway's ``operation_create``, the ScheduledTask controller) sets the id
+label at creation, which also spares the controller a label write. Anyone
+allowed to create Operations can set that label too, so a label alone must
+not be believed: a tenant could claim another tenant's id and shadow their
+operation in every id lookup. :class:`IdSeal` signs the label (an HMAC over
+namespace, name and id, with a key kept in a Secret of the system
+namespace that only opkeeper's own processes read) and the controller keeps
+a label id only when its seal verifies; otherwise it draws a fresh id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
+import hashlib
+import hmac
 import logging
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
 
 from opkeeper import errors, kube
 
@@ -30,6 +48,11 @@ KEY = "next"
 """The ConfigMap key holding the first id no allocator has reserved yet."""
 LABEL = "opkeeper.dev/id"
 """The label carrying an object's id, for selectors and for the gateway's lookups."""
+SEAL = "opkeeper.dev/id-seal"
+"""The annotation proving that the id label was set by opkeeper (see :class:`IdSeal`)."""
+KEY_SECRET = "opkeeper-id-key"
+"""The Secret (system namespace) holding the seal's HMAC key."""
+SECRETS = kube.Resource(group="", version="v1", plural="secrets")
 
 
 class IdAllocator:
@@ -94,7 +117,7 @@ class IdAllocator:
 
     async def _create_counter(self) -> bool:
         """Create the counter holding our first block; False if someone else created it."""
-        await self._ensure_namespace()
+        await _ensure_namespace(self._client, self._namespace)
         try:
             await self._client.create(
                 kube.CONFIGMAPS,
@@ -113,9 +136,122 @@ class IdAllocator:
             return False
         return True
 
-    async def _ensure_namespace(self) -> None:
-        with contextlib.suppress(kube.AlreadyExists):
-            await self._client.create(
-                kube.NAMESPACES,
-                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self._namespace}},
-            )
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Stamp:
+    """An id with the metadata that carries it on a new object."""
+
+    id: int
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+
+
+class IdSeal:
+    """Signs id labels set at creation and checks them on objects read back.
+
+    The key is read from (or, by the first process that needs it, created
+    in) the Secret :data:`KEY_SECRET`. When a seal fails to verify the key is
+    read again, at most once per ``reload_interval`` seconds, so that the
+    processes agree again after the Secret was replaced.
+    """
+
+    def __init__(
+        self, client: kube.Client, *, namespace: str, reload_interval: float = 30.0
+    ) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._reload_interval = reload_interval
+        self._key: bytes | None = None
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def stamp(self, value: int, *, namespace: str, name: str) -> Stamp:
+        """The id ``value`` (freshly allocated) sealed for the object ``namespace/name``
+        about to be created."""
+        key = await self._current_key()
+        return Stamp(
+            id=value,
+            labels={LABEL: str(value)},
+            annotations={SEAL: _mac(key, namespace=namespace, name=name, value=value)},
+        )
+
+    async def load(self) -> None:
+        """Read (or create) the key now, e.g. before :meth:`verify` is first needed."""
+        await self._current_key()
+
+    async def trusted_id(self, body: Mapping[str, Any]) -> int | None:
+        """The object's label id if opkeeper set it (its seal verifies), else None."""
+        if label_id(body) is None:
+            return None
+        await self._current_key()
+        value = self.verify(body)
+        if value is not None:
+            return value
+        if time.monotonic() - self._loaded_at < self._reload_interval:
+            return None
+        await self._current_key(reload=True)
+        return self.verify(body)
+
+    def verify(self, body: Mapping[str, Any]) -> int | None:
+        """:meth:`trusted_id` with the key as loaded, without I/O (None before :meth:`load`)."""
+        meta = body.get("metadata") or {}
+        value = label_id(body)
+        seal = (meta.get("annotations") or {}).get(SEAL)
+        if value is None or not isinstance(seal, str) or self._key is None:
+            return None
+        expected = _mac(
+            self._key, namespace=meta.get("namespace", ""), name=meta.get("name", ""), value=value
+        )
+        return value if hmac.compare_digest(seal, expected) else None
+
+    async def _current_key(self, *, reload: bool = False) -> bytes:
+        async with self._lock:
+            if self._key is None or reload:
+                self._key = await self._load()
+                self._loaded_at = time.monotonic()
+            return self._key
+
+    async def _load(self) -> bytes:
+        for _ in range(3):
+            with contextlib.suppress(errors.NotFound):
+                secret = await self._client.get(SECRETS, namespace=self._namespace, name=KEY_SECRET)
+                return base64.b64decode(secret["data"]["key"])
+            key = secrets.token_bytes(32)
+            await _ensure_namespace(self._client, self._namespace)
+            try:
+                await self._client.create(
+                    SECRETS,
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "metadata": {
+                            "name": KEY_SECRET,
+                            "labels": {"app.kubernetes.io/part-of": "opkeeper"},
+                        },
+                        "data": {"key": base64.b64encode(key).decode()},
+                    },
+                    namespace=self._namespace,
+                )
+            except kube.AlreadyExists:
+                continue  # another process created it first: read theirs
+            return key
+        raise errors.Unavailable(f"could not read or create the Secret {KEY_SECRET}")
+
+
+async def _ensure_namespace(client: kube.Client, namespace: str) -> None:
+    with contextlib.suppress(kube.AlreadyExists):
+        await client.create(
+            kube.NAMESPACES,
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        )
+
+
+def label_id(body: Mapping[str, Any]) -> int | None:
+    """The id in the object's label, if it is a positive integer (believed or not)."""
+    raw = ((body.get("metadata") or {}).get("labels") or {}).get(LABEL, "")
+    return int(raw) if isinstance(raw, str) and raw.isdigit() and int(raw) > 0 else None
+
+
+def _mac(key: bytes, *, namespace: str, name: str, value: int) -> str:
+    message = f"{namespace}/{name}/{value}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:32]

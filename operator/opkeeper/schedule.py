@@ -528,6 +528,8 @@ class OperationInfo:
     state: states.State | None
     """None until the Operation controller has set a state: the Operation is active."""
     created: datetime.datetime
+    run: datetime.datetime | None = None
+    """The run it was created for (:data:`ANNOTATION_SCHEDULED_TIME`), if readable."""
 
     @property
     def finished(self) -> bool:
@@ -562,7 +564,9 @@ class Fire:
     run: datetime.datetime
     name: str
     recovery: bool
-    """Re-create a run whose status was written before a crash (no new status)."""
+    """Re-create a run the status records as active but no Operation exists for (an
+    Operation deleted while no controller ran, or a run claimed by a controller version
+    that recorded runs before creating them): no new status."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -622,6 +626,38 @@ def _same(a: datetime.datetime | None, b: datetime.datetime | None) -> bool:
     return a is not None and b is not None and aware(a) == aware(b)
 
 
+def _started_unrecorded(
+    *,
+    table: Timetable,
+    task: str,
+    operations: Iterable[OperationInfo],
+    after: datetime.datetime,
+    now: datetime.datetime,
+) -> OperationInfo | None:
+    """The Operation of the latest run in ``(after, now]`` that exists though the status
+    does not record the run.
+
+    The controller creates a run's Operation before it records the run (one status
+    write per run instead of two, see :mod:`opkeeper.controller.scheduledtasks`); a
+    controller that stops in between leaves such an Operation behind. Its run was
+    started: it must be neither created again nor counted as missed, however late the
+    next controller looks. Only the deterministic name of a run of the current
+    timetable counts, so an Operation of an earlier ``execAt`` or schedule does not.
+    """
+    found: OperationInfo | None = None
+    found_run: datetime.datetime | None = None
+    for op in operations:
+        run = op.run
+        if run is None or not after < run <= now or (found_run is not None and run <= found_run):
+            continue
+        if op.name != operation_name(task=task, run=run):
+            continue
+        if table.latest(at_or_before=run, after=run - datetime.timedelta(microseconds=1)) != run:
+            continue
+        found, found_run = op, run
+    return found
+
+
 def plan(
     *,
     task: TaskView,
@@ -635,10 +671,12 @@ def plan(
     ``operations`` are the task's Operations the controller has seen;
     ``in_flight`` names ones it created but has not seen yet; ``gone`` names
     ones it saw deleted. A name in ``status.active`` in none of them is
-    unknown: the controller wrote the run's status and stopped before
-    creating it (or it was deleted while the controller was down); the last
-    run is then re-created if still within the starting deadline (409 if it
-    exists after all), others are dropped.
+    unknown: it was deleted while the controller was down (or a controller
+    that recorded runs before creating them stopped in between); the last run
+    is then re-created if still within the starting deadline (409 if it exists
+    after all), others are dropped. The reverse, an Operation of an owed run
+    that exists while the status does not record the run yet, counts as
+    started (see :func:`_started_unrecorded`).
     """
     spec, status = task.spec, task.status
     current = status.to_k8s()
@@ -694,12 +732,30 @@ def plan(
     cancel: tuple[str, ...] = ()
     held: datetime.datetime | None = None
     wake_at: datetime.datetime | None = None
+    started: OperationInfo | None = None
+    started_run: datetime.datetime | None = None
     if spec.suspend or one_shot_done or fire is not None:
         owed = Due(run=None, missed=0, latest_missed=None, capped=False)
     else:
-        owed = due(
-            table=table, after=after, now=now, deadline_seconds=spec.starting_deadline_seconds
+        started = _started_unrecorded(
+            table=table, task=task.name, operations=known.values(), after=after, now=now
         )
+        started_run = started.run if started is not None else None
+        owed = due(
+            table=table,
+            after=after if started_run is None else started_run,
+            now=now,
+            deadline_seconds=spec.starting_deadline_seconds,
+        )
+        if started_run is not None:
+            # The runs before the started one were superseded by it when it fired.
+            before = due(table=table, after=after, now=started_run, deadline_seconds=None)
+            owed = Due(
+                run=owed.run,
+                missed=before.missed + owed.missed,
+                latest_missed=owed.latest_missed or before.latest_missed,
+                capped=before.capped or owed.capped,
+            )
     next_run = table.next_after(now)
 
     if owed.run is not None and active and spec.concurrency_policy == "Forbid":
@@ -751,6 +807,10 @@ def plan(
         )
         if one_shot:
             one_shot_done = True
+    elif started is not None and started_run is not None:
+        wanted.update(lastScheduleTime=timestamp(started_run), lastOperation=started.name)
+        if one_shot:
+            one_shot_done = True
     elif owed.missed and one_shot:
         one_shot_done = True
 
@@ -767,7 +827,9 @@ def plan(
     state = _task_state(
         spec=spec,
         last_operation=wanted.get("lastOperation", status.last_operation),
-        fired=owed.run is not None or _same(status.last_schedule_time, exec_at),
+        fired=owed.run is not None
+        or started is not None
+        or _same(status.last_schedule_time, exec_at),
         active=active,
         operations=known,
         one_shot_done=one_shot_done,

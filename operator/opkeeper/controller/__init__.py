@@ -148,6 +148,7 @@ async def run(
     allocator = ids.IdAllocator(
         client, namespace=settings.system_namespace, block_size=settings.id_block_size
     )
+    seal = ids.IdSeal(client, namespace=settings.system_namespace)
     poster = EventPoster(
         client,
         enabled=settings.post_events,
@@ -155,11 +156,12 @@ async def run(
         burst=settings.event_burst,
     )
     reconciler = operations.Reconciler(
-        client=client, allocator=allocator, settings=settings, events=poster
+        client=client, allocator=allocator, seal=seal, settings=settings, events=poster
     )
     tasks = scheduledtasks.Reconciler(
         client=client,
         allocator=allocator,
+        seal=seal,
         events=poster,
         workers=settings.workers,
         error_max_delay=settings.error_max_delay,

@@ -116,11 +116,6 @@ def _reports(status: Mapping[str, Any]) -> dict[str, Any]:
     return {k: status[k] for k in REPORT_FIELDS if k in status}
 
 
-def _label_id(body: kube.Body) -> int | None:
-    raw = (body["metadata"].get("labels") or {}).get(ids.LABEL, "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else None
-
-
 class Reconciler:
     """Keeps every watched Operation moving through the state machine."""
 
@@ -129,11 +124,13 @@ class Reconciler:
         *,
         client: kube.Client,
         allocator: ids.IdAllocator,
+        seal: ids.IdSeal,
         settings: Settings,
         events: EventPoster,
     ) -> None:
         self._client = client
         self._ids = allocator
+        self._seal = seal
         self._settings = settings
         self._events = events
         self.jobs = job.JobExecutor(client)
@@ -318,7 +315,9 @@ class Reconciler:
 
     async def _identity(self, plan: Plan) -> None:
         if plan.status.id is None:
-            plan.status.id = _label_id(plan.body) or await self._ids.allocate()
+            # A label id set at creation is kept only when opkeeper sealed it
+            # (docs/resources.md, "Ids"); a tenant's own label is replaced.
+            plan.status.id = await self._seal.trusted_id(plan.body) or await self._ids.allocate()
 
     def _validate_reports(self, plan: Plan) -> None:
         """Undo writes by others to controller-owned status fields, and keep progress
@@ -722,7 +721,7 @@ class Reconciler:
             self._last_write[uid] = loop_now
             self._after_write(plan, body)
         assert plan.status.id is not None
-        if _label_id(body) != plan.status.id:
+        if ids.label_id(body) != plan.status.id:
             body = await self._client.patch(
                 kube.OPERATIONS,
                 namespace=meta["namespace"],

@@ -19,20 +19,38 @@ Why it is built this way:
   feeds both this reconciler (:meth:`Reconciler.observe_operation`) and the
   Operation reconciler, and a relist reports deletions missed while
   disconnected.
-* Exactly once. A due run is first *claimed* with a status write that is
-  conditional on the resourceVersion we decided on (lastScheduleTime,
-  lastOperation, active), then the Operation is created under the name
-  :func:`opkeeper.schedule.operation_name` derives from the task and the run.
-  A second controller loses the claim (409) or the create (409
-  AlreadyExists, taken as success when the existing Operation is this
-  task's); a controller that dies between claim and create re-creates the
-  recorded run on restart (see :func:`opkeeper.schedule.plan`).
+* Exactly once, created first and recorded once. A due run's Operation is
+  created at once under the name :func:`opkeeper.schedule.operation_name`
+  derives from the task and the run; the status fields that record the run
+  (lastScheduleTime, lastOperation, active, state, nextRunAt) are kept in
+  memory (:attr:`_TaskCache.unrecorded`) and written by the next reconcile,
+  :data:`RECORD_DELAY` later or as soon as the Operation finishes, in one
+  write conditional on the resourceVersion together with whatever the
+  finish changed. A noop run thus costs the task one status write instead
+  of two (claim, then finish): one API write of the four a run cost, where
+  at 56 runs/s on 2 cores the API server's CPU sets the pace
+  (bench/results/scheduledtasks.md). The name
+  is what makes it exactly once, not the order: a second controller that
+  decides the same run gets 409 AlreadyExists (taken as success when the
+  existing Operation carries this task's uid) and records the same fields,
+  and its write loses with 409 if the other's came first; a controller that
+  dies between create and record leaves the status as it was, so the next
+  one owes the same run again, finds its Operation (on the watch: counted
+  as started even past the starting deadline, see
+  :func:`opkeeper.schedule.plan`; else AlreadyExists) and records it then.
+  Claim-first had the same exposure from the other side: a controller dying
+  between claim and create re-created the run on restart, i.e. both orders
+  rely on the deterministic name, and neither can tell an Operation deleted
+  by hand while no controller ran from one never created.
 * Deleting a task before it fires means it never runs: there is no
-  finalizer, the DELETED event cancels the timer, and a claim racing with
-  the delete fails (404) before anything is created. Operations already
-  created stay: they have no ownerReference to the task (so no garbage
-  collection), only the ``opkeeper.dev/scheduledtask`` label and the task's
-  uid as an annotation.
+  finalizer and the DELETED event cancels the timer. A delete that reaches
+  the API server in the very instant the run fires, before the controller
+  saw it, may still get its Operation (the create does not depend on the
+  task's version; Kubernetes CronJob has the same race); the record then
+  fails with 404 and changes nothing. Operations already created stay: they
+  have no ownerReference to the task (so no garbage collection), only the
+  ``opkeeper.dev/scheduledtask`` label and the task's uid as an
+  annotation.
 
 All decisions are in :func:`opkeeper.schedule.plan`; this module feeds it
 from the caches and carries out what it returns.
@@ -46,6 +64,7 @@ import dataclasses
 import datetime
 import logging
 import time
+from typing import Any
 
 import prometheus_client
 import pydantic
@@ -66,6 +85,17 @@ LATENESS = prometheus_client.Histogram(
     "How late after its scheduled time a run's Operation was created.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600),
 )
+
+
+RECORD_DELAY = 1.0
+"""Seconds a fired run waits to be recorded in the task's status.
+
+The record is one status write; if the run's Operation finishes within this
+window (a noop or other quick Operation), that same write also carries the
+finish (``active`` emptied, the state), so the run costs one task write
+instead of two. Longer delays save nothing more for long Operations and
+leave ``kubectl get`` showing the previous run for longer.
+"""
 
 
 def utcnow() -> datetime.datetime:
@@ -92,11 +122,20 @@ class _TaskCache:
     """Seen deleted (or taken by another task's Operation): no longer active."""
     held: datetime.datetime | None = None
     """The run whose hold (Forbid) was last reported, to post that Event once."""
+    unrecorded: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Status fields of runs fired (their Operations created) but not yet written: a
+    JSON merge patch (None removes) over the stored status, see :data:`RECORD_DELAY`."""
     failures: int = 0
 
 
 def _parse_time(text: str) -> datetime.datetime:
     return schedule.aware(datetime.datetime.fromisoformat(text))
+
+
+def _overlay(status: kube.Body, patch: dict[str, Any]) -> dict[str, Any]:
+    """``status`` with the merge patch ``patch`` applied, as the API server would."""
+    merged = {**status, **patch}
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 def _same_but_status(old: kube.Body, new: kube.Body) -> bool:
@@ -114,8 +153,13 @@ def _operation_of(body: kube.Body) -> _Operation:
         state = states.State(raw_state) if raw_state else None
     except ValueError:
         state = None
+    scheduled = (meta.get("annotations") or {}).get(schedule.ANNOTATION_SCHEDULED_TIME)
+    try:
+        run = _parse_time(scheduled) if scheduled else None
+    except ValueError:
+        run = None
     info = schedule.OperationInfo(
-        name=meta["name"], state=state, created=_parse_time(meta["creationTimestamp"])
+        name=meta["name"], state=state, created=_parse_time(meta["creationTimestamp"]), run=run
     )
     return _Operation(info=info, uid=meta["uid"])
 
@@ -128,14 +172,18 @@ class Reconciler:
         *,
         client: kube.Client,
         allocator: ids.IdAllocator,
+        seal: ids.IdSeal,
         events: EventPoster,
         workers: int,
         error_max_delay: float,
+        record_delay: float = RECORD_DELAY,
     ) -> None:
         self._client = client
         self._ids = allocator
+        self._seal = seal
         self._events = events
         self._error_max_delay = error_max_delay
+        self._record_delay = record_delay
         self.queue = WorkQueue(self._reconcile_key, workers=workers)
         self.timers: schedule.TimerQueue[str] = schedule.TimerQueue(on_due=self.queue.add)
         self._timers_task: asyncio.Task[None] | None = None
@@ -158,8 +206,8 @@ class Reconciler:
         self._bodies[uid] = body
         if current is not None and _same_but_status(current, body):
             # Only the status moved: the controller's own write, whose echo can
-            # beat the PATCH response here. Nothing to decide; the next
-            # reconcile reads it (a conflicting claim would fail with 409 anyway).
+            # beat the PATCH response here. Nothing to decide; the next reconcile
+            # reads it (a record made on a stale version fails with 409 anyway).
             return
         self.queue.add(uid)
 
@@ -208,8 +256,10 @@ class Reconciler:
     def counts(self) -> dict[str, int]:
         """Tasks per state (for logs and the benchmark)."""
         result: dict[str, int] = {}
-        for body in self._bodies.values():
-            state = (body.get("status") or {}).get("state") or "New"
+        for uid, body in self._bodies.items():
+            cache = self._caches.get(uid)
+            unrecorded = cache.unrecorded if cache is not None else {}
+            state = unrecorded.get("state") or (body.get("status") or {}).get("state") or "New"
             result[state] = result.get(state, 0) + 1
         return result
 
@@ -236,8 +286,11 @@ class Reconciler:
             await self._reconcile(uid, body, cache)
         except errors.Conflict:
             # The task changed after we read it (an edit, another controller's
-            # claim): read it again and decide anew.
+            # record): read it again and decide anew. Queued even when only the
+            # status moved (which observe_task lets pass): runs fired but not
+            # yet recorded must still be written, and the timer re-armed.
             await self._refetch(body)
+            self.queue.add(uid)
             return
         except errors.NotFound:
             return  # deleted meanwhile: nothing was created, the DELETED event cleans up
@@ -275,7 +328,11 @@ class Reconciler:
             # The API server validated the spec; this is a status someone broke.
             logger.error("cannot parse scheduledtask %s/%s: %s", namespace, name, exc)
             return
-        await self._resolve_unknown(uid, namespace, task.status, cache)
+        stored = body.get("status") or {}
+        # Plan on the status as it will be once the fired runs are recorded: no
+        # run is fired twice and the horizon is the one already decided.
+        status = models.ScheduledTaskStatus.model_validate(_overlay(stored, cache.unrecorded))
+        await self._resolve_unknown(uid, namespace, status, cache)
         now = utcnow()
         plan = schedule.plan(
             task=schedule.TaskView(
@@ -283,29 +340,42 @@ class Reconciler:
                 created=_parse_time(meta["creationTimestamp"]),
                 generation=int(meta.get("generation") or 0),
                 spec=task.spec,
-                status=task.status,
+                status=status,
             ),
             operations=[op.info for op in cache.operations.values()],
             in_flight=frozenset(cache.in_flight),
             gone=frozenset(cache.gone),
             now=now,
         )
-        status = dict(plan.status)
-        if task.status.id is None:
-            status["id"] = await self._ids.allocate()
-        if status:
-            # The claim: conditional on the version decided on, so a concurrent
-            # edit, delete or second controller stops us before any create.
-            body = await self._client.patch(
-                kube.SCHEDULED_TASKS,
-                namespace=namespace,
-                name=name,
-                subresource="status",
-                body={"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status},
-            )
-            self._bodies[uid] = body
-        if plan.fire is not None:
+        # The plan's patch is relative to the overlaid status; what the API
+        # server lacks is the unrecorded fields plus that patch.
+        patch = {**cache.unrecorded, **plan.status}
+        if status.id is None:
+            patch["id"] = await self._ids.allocate()
+        if plan.fire is not None and not plan.fire.recovery:
             await self._create(body, plan.fire, cache)
+            # Recorded later, together with the finish if it comes soon enough.
+            cache.unrecorded = patch
+        else:
+            changes = {k: v for k, v in patch.items() if stored.get(k) != v}
+            if changes:
+                # Conditional on the version decided on: a concurrent edit or a
+                # second controller's record makes us re-read and re-plan (409),
+                # keeping the unrecorded fields until a write has carried them.
+                body = await self._client.patch(
+                    kube.SCHEDULED_TASKS,
+                    namespace=namespace,
+                    name=name,
+                    subresource="status",
+                    body={
+                        "metadata": {"resourceVersion": meta["resourceVersion"]},
+                        "status": changes,
+                    },
+                )
+                self._bodies[uid] = body
+            cache.unrecorded = {}
+            if plan.fire is not None:
+                await self._create(body, plan.fire, cache)
         for operation in plan.cancel:
             with contextlib.suppress(errors.NotFound):
                 await self._client.patch(
@@ -316,13 +386,18 @@ class Reconciler:
                 )
         for operation in plan.delete:
             await self._delete(namespace, cache, operation)
+        effective = _overlay(body.get("status") or {}, cache.unrecorded)
         # Deleted names matter only while the status still lists them as active.
-        cache.gone.intersection_update((body.get("status") or {}).get("active") or ())
-        self._tell(body, plan, cache, now)
-        if plan.wake_at is None:
+        cache.gone.intersection_update(effective.get("active") or ())
+        self._tell(body, plan, cache, effective)
+        wake_at = plan.wake_at.timestamp() if plan.wake_at is not None else None
+        if cache.unrecorded:
+            record_at = now.timestamp() + self._record_delay
+            wake_at = record_at if wake_at is None else min(wake_at, record_at)
+        if wake_at is None:
             self.timers.cancel(uid)
         else:
-            self.timers.schedule(uid, plan.wake_at.timestamp())
+            self.timers.schedule(uid, wake_at)
 
     async def _resolve_unknown(
         self, uid: str, namespace: str, status: models.ScheduledTaskStatus, cache: _TaskCache
@@ -346,9 +421,12 @@ class Reconciler:
         meta = task["metadata"]
         template = task["spec"]["template"]
         template_meta = template.get("metadata") or {}
+        # The sealed id set at creation spares the Operation controller its label
+        # write; the seal is what makes the controller believe the label.
+        stamp = await self._seal.stamp(
+            await self._ids.allocate(), namespace=meta["namespace"], name=fire.name
+        )
         fired_at = utcnow()
-        # The id label set at creation spares the Operation controller its label write.
-        op_id = await self._ids.allocate()
         operation = {
             "apiVersion": API_VERSION,
             "kind": "Operation",
@@ -357,10 +435,11 @@ class Reconciler:
                 "labels": {
                     **(template_meta.get("labels") or {}),
                     schedule.LABEL_TASK: schedule.label_value(meta["name"]),
-                    ids.LABEL: str(op_id),
+                    **stamp.labels,
                 },
                 "annotations": {
                     **(template_meta.get("annotations") or {}),
+                    **stamp.annotations,
                     schedule.ANNOTATION_TASK_UID: meta["uid"],
                     schedule.ANNOTATION_SCHEDULED_TIME: schedule.timestamp(fire.run),
                     schedule.ANNOTATION_FIRED_AT: schedule.millis(fired_at),
@@ -421,7 +500,7 @@ class Reconciler:
         cache.gone.add(name)
 
     def _tell(
-        self, body: kube.Body, plan: schedule.Plan, cache: _TaskCache, now: datetime.datetime
+        self, body: kube.Body, plan: schedule.Plan, cache: _TaskCache, status: kube.Body
     ) -> None:
         """Events and metrics for what the plan did."""
         for notice in plan.notices:
@@ -435,6 +514,6 @@ class Reconciler:
                 type="Normal",
                 reason="RunHeld",
                 message=f"the run at {schedule.timestamp(plan.held)} waits for "
-                f"{', '.join((body.get('status') or {}).get('active') or [])} to finish"
+                f"{', '.join(status.get('active') or [])} to finish"
                 " (concurrencyPolicy Forbid)",
             )
