@@ -2,8 +2,16 @@
 
 The gateway runs in its own process (as in production) with N Operations in
 its cache; a load generator in this process drives it over loopback HTTP with
-concurrent keep-alive clients sending real XML-RPC bodies (encoded by
-xmlrpc.client) and checking every answer is not a fault.
+concurrent keep-alive connections sending real XML-RPC bodies (encoded by
+xmlrpc.client) and checking every answer is HTTP 200 and not a fault.
+
+The load generator is a raw asyncio protocol, one per connection: each
+request (headers and body) is built once, written whole, and the answer is
+read by its Content-Length. aiohttp's client cost about as much CPU per call
+as the gateway itself, and the two share the machine's cores, so it capped
+what the gateway could be shown to do. Both sides' CPU per call are reported
+(``gateway_cpu_us_per_call`` from the gateway process, ``client_cpu_us_per_call``
+from this one), so a reader can tell which side a result was bound by.
 
 Two ways to fill the cache:
 
@@ -18,8 +26,13 @@ Two ways to fill the cache:
 Every call is also written to the call log (SQLite, group-committed), as in
 production.
 
+Results go to <out>/<name>.{json,md}; the runs already there are kept under
+"history" (and "Earlier runs" in the markdown), newest first, so a re-run never
+erases the numbers it is compared with. ``--note`` adds a line under the table
+(what changed since the previous run).
+
 Usage: python bench/bench_gateway.py [--sizes 10000,100000] [--fill direct]
-       [--duration 10] [--concurrency 32] [--out bench/results]
+       [--duration 10] [--concurrency 32] [--out bench/results] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -192,9 +205,7 @@ async def baseline(*, duration: float, concurrency: int) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     parent.send("cpu")
     cpu_before = await loop.run_in_executor(None, parent.recv)
-    result = await load(
-        f"http://127.0.0.1:{port}/xmlrpc", [body], duration=duration, concurrency=concurrency
-    )
+    result = await load(port, [body], duration=duration, concurrency=concurrency)
     parent.send("cpu")
     cpu_used = await loop.run_in_executor(None, parent.recv) - cpu_before
     parent.send("stop")
@@ -211,6 +222,8 @@ class Result:
     seconds: float
     latencies: list[float]
     faults: int
+    client_cpu_seconds: float
+    """CPU time the load generator (this process) used while the load ran."""
 
     def summary(self) -> dict[str, float]:
         lat = sorted(self.latencies)
@@ -222,32 +235,109 @@ class Result:
             "p99_ms": round(q[98] * 1000, 2),
             "max_ms": round(lat[-1] * 1000, 2),
             "faults": self.faults,
+            "client_cpu_us_per_call": round(self.client_cpu_seconds / self.requests * 1e6),
         }
 
 
-async def load(url: str, bodies: list[bytes], *, duration: float, concurrency: int) -> Result:
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection that sends one request at a time.
+
+    A raw protocol instead of aiohttp's client: the client costs as much CPU per call
+    as the gateway, and both share the machine, so an expensive client caps what the
+    gateway can be shown to do. Responses are read by their Content-Length (the
+    gateway always sends one; anything else fails the run).
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[tuple[bytes, bytes]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc or ConnectionError("the server closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0 or self._waiter is None:
+            return
+        head = bytes(self._buffer[:end])
+        length = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None:
+            self._waiter.set_exception(RuntimeError(f"no Content-Length in {head!r}"))
+            return
+        if len(self._buffer) < end + 4 + length:
+            return
+        body = bytes(self._buffer[end + 4 : end + 4 + length])
+        del self._buffer[: end + 4 + length]
+        self._waiter.set_result((head.split(b"\r\n", 1)[0], body))
+
+    async def call(self, request: bytes) -> tuple[bytes, bytes]:
+        """Send one complete request; returns the status line and the body."""
+        assert self.transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self._waiter
+
+
+def http_post(host: str, port: int, body: bytes) -> bytes:
+    """A complete HTTP/1.1 POST of an XML-RPC body to /xmlrpc, built once and reused."""
+    head = (
+        f"POST /xmlrpc HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: text/xml\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+async def load(port: int, bodies: list[bytes], *, duration: float, concurrency: int) -> Result:
+    """``concurrency`` connections, each sending a random body of ``bodies`` as soon as
+    the previous answer is in, until ``duration`` seconds have passed. Every answer
+    must be HTTP 200 without a ``<fault>``; the CPU this process used is reported."""
+    requests = [http_post("127.0.0.1", port, body) for body in bodies]
     latencies: list[float] = []
     faults = 0
+    loop = asyncio.get_running_loop()
+    connections = []
+    for _ in range(concurrency):
+        _, protocol = await loop.create_connection(_Connection, "127.0.0.1", port)
+        connections.append(protocol)
     deadline = time.perf_counter() + duration
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def worker(seed: int) -> None:
-            nonlocal faults
-            rnd = random.Random(seed)
-            while time.perf_counter() < deadline:
-                body = bodies[rnd.randrange(len(bodies))]
-                t0 = time.perf_counter()
-                async with session.post(url, data=body, headers={"Content-Type": "text/xml"}) as r:
-                    payload = await r.read()
-                latencies.append(time.perf_counter() - t0)
-                if r.status != 200 or b"<fault>" in payload:
-                    faults += 1
+    async def worker(connection: _Connection, seed: int) -> None:
+        nonlocal faults
+        rnd = random.Random(seed)
+        while time.perf_counter() < deadline:
+            request = requests[rnd.randrange(len(requests))]
+            t0 = time.perf_counter()
+            status, payload = await connection.call(request)
+            latencies.append(time.perf_counter() - t0)
+            if not status.startswith(b"HTTP/1.1 200 ") or b"<fault>" in payload:
+                faults += 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        seconds = time.perf_counter() - started
-    return Result(requests=len(latencies), seconds=seconds, latencies=latencies, faults=faults)
+    cpu_before = time.process_time()
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(c, i) for i, c in enumerate(connections)))
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_before
+    for connection in connections:
+        assert connection.transport is not None
+        connection.transport.close()
+    return Result(
+        requests=len(latencies),
+        seconds=seconds,
+        latencies=latencies,
+        faults=faults,
+        client_cpu_seconds=cpu,
+    )
 
 
 def list_bodies(session: str) -> list[bytes]:
@@ -284,8 +374,8 @@ async def bench_size(
         process = ctx.Process(target=gateway_process, args=(child, size, kubeconfig, workdir))
         process.start()
         info = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
-        url = f"http://127.0.0.1:{info['port']}/xmlrpc"
-        session = str(xmlrpc.client.ServerProxy(url).login(KEY))
+        port = info["port"]
+        session = str(xmlrpc.client.ServerProxy(f"http://127.0.0.1:{port}/xmlrpc").login(KEY))
         rnd = random.Random(42)
         details = [
             xmlrpc.client.dumps((session, rnd.randrange(1, size + 1)), "operation_details").encode()
@@ -298,17 +388,17 @@ async def bench_size(
             seconds: float = await loop.run_in_executor(None, parent.recv)
             return seconds
 
-        await load(url, details, duration=2, concurrency=concurrency)  # warm-up
+        await load(port, details, duration=2, concurrency=concurrency)  # warm-up
         cpu_before = await cpu()
-        details_result = await load(url, details, duration=duration, concurrency=concurrency)
+        details_result = await load(port, details, duration=duration, concurrency=concurrency)
         details_cpu_us = (await cpu() - cpu_before) / details_result.requests * 1e6
         http_only = await baseline(duration=duration, concurrency=concurrency)
         cpu_before = await cpu()
         list_result = await load(
-            url, list_bodies(session), duration=duration, concurrency=list_concurrency
+            port, list_bodies(session), duration=duration, concurrency=list_concurrency
         )
         list_cpu_us = (await cpu() - cpu_before) / list_result.requests * 1e6
-        list_serial = await load(url, list_bodies(session), duration=duration / 2, concurrency=1)
+        list_serial = await load(port, list_bodies(session), duration=duration / 2, concurrency=1)
         parent.send("stop")
         rss = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
         process.join(30)
@@ -367,38 +457,74 @@ def machine() -> dict[str, Any]:
     }
 
 
-def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
+def table(report: dict[str, Any]) -> list[str]:
+    """One report's runs as a markdown table (earlier reports lack the client column)."""
     lines = [
-        "# Gateway benchmark",
-        "",
-        f"Run {report['when']} on {m['cpu']} ({m['cpus']} CPUs, {m['memory_mib']} MiB),"
-        f" Python {m['python']}, {m['platform']}; load average at the end"
-        f" {', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}.",
-        "",
-        "Gateway in its own process; load generator in another process on the same machine"
-        " (they share the CPUs), loopback HTTP keep-alive, real XML-RPC bodies. Every call is"
-        " also written to the SQLite call log.",
-        "",
         "| operations | cache fill | details clients | details req/s | details p50 ms"
         " | details p99 ms | list clients | list req/s | list p50 ms | list p99 ms"
-        " | list p99 ms (1 client) | gateway CPU µs per details / list call | peak RSS MiB"
+        " | list p99 ms (1 client) | gateway CPU µs per details / list call"
+        " | load generator CPU µs per details / list call | peak RSS MiB"
         " | HTTP-only req/s (server CPU µs per call) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         d, li, l1 = r["details"], r["list"], r["list_one_client"]
+        client = (
+            f"{d['client_cpu_us_per_call']} / {li['client_cpu_us_per_call']}"
+            if "client_cpu_us_per_call" in d
+            else "not measured"
+        )
         lines.append(
             f"| {r['operations']:,} | {r['fill']} ({r['fill_seconds']} s) | {r['concurrency']}"
             f" | {d['req_per_s']:,} | {d['p50_ms']} | {d['p99_ms']} | {r['list_concurrency']}"
             f" | {li['req_per_s']:,}"
             f" | {li['p50_ms']} | {li['p99_ms']} | {l1['p99_ms']}"
-            f" | {d['gateway_cpu_us_per_call']} / {li['gateway_cpu_us_per_call']}"
+            f" | {d['gateway_cpu_us_per_call']} / {li['gateway_cpu_us_per_call']} | {client}"
             f" | {r['peak_rss_mib']}"
             f" | {r['http_only']['req_per_s']:,} ({r['http_only']['server_cpu_us_per_call']}) |"
         )
-    lines += ["", *report["notes"], ""]
-    return "\n".join(lines)
+    return lines
+
+
+def heading(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    return (
+        f"Run {report['when']} on {m['cpu']} ({m['cpus']} CPUs, {m['memory_mib']} MiB),"
+        f" Python {m['python']}, {m['platform']}; load average at the end"
+        f" {', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}."
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Gateway benchmark",
+        "",
+        heading(report),
+        "",
+        "Gateway in its own process; load generator in another process on the same machine"
+        " (they share the CPUs), loopback HTTP keep-alive, real XML-RPC bodies. Every call is"
+        " also written to the SQLite call log.",
+        "",
+        *table(report),
+        "",
+        *report["notes"],
+    ]
+    if report.get("history"):
+        lines += ["", "## Earlier runs"]
+        for earlier in report["history"]:
+            lines += ["", f"### {earlier['when']}", "", heading(earlier), "", *table(earlier)]
+            lines += ["", *earlier["notes"]]
+    return "\n".join([*lines, ""])
+
+
+def history(out: str, name: str) -> list[dict[str, Any]]:
+    """The reports already in <out>/<name>.json, newest first (empty if none)."""
+    path = pathlib.Path(out) / f"{name}.json"
+    if not path.exists():
+        return []
+    previous: dict[str, Any] = json.loads(path.read_text())
+    earlier = previous.pop("history", [])
+    return [previous, *earlier]
 
 
 def main() -> int:
@@ -409,6 +535,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="details clients")
     parser.add_argument("--list-concurrency", type=int, default=4, help="list clients")
     common.add_output_arguments(parser, name="gateway")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line under the table, e.g. what changed since the previous run (repeatable)",
+    )
     parser.add_argument(
         "--repeat",
         type=int,
@@ -456,12 +588,17 @@ def main() -> int:
         " no call log), driven the same way right after the details load: the ceiling of"
         " HTTP alone on this machine at that moment (other jobs share the CPUs)."
     )
+    notes.append(
+        "- Load generator CPU: this process's CPU time during a load divided by its calls"
+        " (raw asyncio HTTP/1.1 connections; see the script's docstring)."
+    )
     report = {
         "when": common.now(),
         "machine": machine(),
         "targets": {"details_req_per_s": 3000, "list_p99_ms_at_100k": 20},
         "runs": runs,
-        "notes": notes,
+        "notes": [*notes, *(f"- {note}" for note in args.note)],
+        "history": history(args.out, args.name),
     }
     common.write_results(args.out, args.name, report, markdown(report))
     return 0

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import pytest
 
-from opkeeper import API_VERSION, errors, kube, states
+from opkeeper import API_VERSION, errors, ids, kube, states
 from opkeeper.gateway import auth, cache, calllog, kubeio, service
 
 Body = dict[str, Any]
@@ -169,6 +169,15 @@ class Counter:
         return self.n
 
 
+class FixedSeal:
+    """Seals with a constant: the real HMAC is tested in test_ids.py."""
+
+    async def stamp(self, value: int, *, namespace: str, name: str) -> ids.Stamp:
+        return ids.Stamp(
+            id=value, labels={ids.LABEL: str(value)}, annotations={ids.SEAL: "test-seal"}
+        )
+
+
 class MemoryCallLog(calllog.CallLog):
     """A second adapter of the store interface: a few lines, no change elsewhere."""
 
@@ -223,6 +232,7 @@ def build() -> tuple[service.Service, FakeKube]:
         kube_client=fake,
         dry_run=FakeDryRun(fake),
         id_allocator=Counter(),
+        id_seal=FixedSeal(),
         call_log=MemoryCallLog(),
         settings=service.Settings(executors={"noop": {"builtin": {"action": "noop"}}}),
     )

@@ -6,6 +6,8 @@ import contextlib
 import datetime
 import xmlrpc.client
 
+import defusedxml
+import defusedxml.ElementTree
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -175,6 +177,19 @@ DTD_ONLY = b"""<?xml version="1.0"?><!DOCTYPE methodCall SYSTEM "http://example.
 @pytest.mark.parametrize("body", [BILLION_LAUGHS, XXE, DTD_ONLY])
 def test_entities_and_dtds_are_refused(body: bytes) -> None:
     with pytest.raises(codec.ForbiddenXml):
+        codec.decode_call(body)
+
+
+@pytest.mark.parametrize("body", [BILLION_LAUGHS, XXE, DTD_ONLY])
+def test_refuses_whatever_defusedxml_refuses(body: bytes) -> None:
+    # The codec uses defusedxml's expat-level parser; its ElementTree parser is an
+    # independent reference for what must be refused.
+    reference = defusedxml.ElementTree.DefusedXMLParser(
+        forbid_dtd=True, forbid_entities=True, forbid_external=True
+    )
+    with pytest.raises(defusedxml.DefusedXmlException) as refused:
+        reference.feed(body)
+    with pytest.raises(codec.ForbiddenXml, match=type(refused.value).__name__):
         codec.decode_call(body)
 
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import datetime
-import heapq
 import logging
+import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NewType, TypeVar
 
@@ -95,6 +95,10 @@ class OperationEntry:
     metadata: Mapping[str, Any]
     spec: Mapping[str, Any]
     status: Mapping[str, Any]
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    """Answers readers computed from this version, kept for the next reader (the encoded
+    ``operation_details`` struct). A change of the object replaces the entry rather than
+    changing it, so nothing kept here can outlive the version it was computed from."""
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> OperationEntry:
@@ -349,11 +353,34 @@ times cheaper per entry)."""
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Source:
-    """One index that can produce candidates for a list query."""
+    """One filter's index: the matching ids as id-sorted lists and as sets (one of each
+    per indexed value; a Gandi state word can stand for several states)."""
 
     field: str
-    size: int
-    newest_first: Callable[[], Iterator[OpId]]
+    lists: list[list[OpId]]
+    sets: list[set[OpId]]
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.lists))
+
+    def between(self, low: int, high: int) -> list[OpId]:
+        """The matching ids in ``[low, high)``, ascending (slices of the sorted lists)."""
+        found: list[OpId] = []
+        for ids in self.lists:
+            found += ids[bisect.bisect_left(ids, low) : bisect.bisect_left(ids, high)]
+        if len(self.lists) > 1:
+            found.sort()
+        return found
+
+
+def _members(ids: list[OpId], sources: Iterable[_Source]) -> list[OpId]:
+    """The ids that every source matches, in no particular order (callers sort): set
+    intersections only, so nothing runs in Python per id."""
+    found: Iterable[OpId] = ids
+    for source in sources:
+        found = set().union(*(one.intersection(found) for one in source.sets))
+    return list(found)
 
 
 class OperationCache(_Table[OperationEntry]):
@@ -391,101 +418,104 @@ class OperationCache(_Table[OperationEntry]):
         total = len(all_ids)
         after = updated_after.timestamp() if updated_after else None
         before = updated_before.timestamp() if updated_before else None
+        has_date = after is not None or before is not None
         sources: list[_Source] = []
         if states_ is not None:
-            lists = [self.ordered.get((namespace, "state", s), []) for s in states_]
+            keys = [(namespace, "state", state) for state in states_]
             sources.append(
                 _Source(
                     field="state",
-                    size=sum(map(len, lists)),
-                    newest_first=lambda: heapq.merge(*map(reversed, lists), reverse=True),
+                    lists=[self.ordered.get(key, []) for key in keys],
+                    sets=[self.id_sets.get(key, set()) for key in keys],
                 )
             )
         if type_ is not None:
-            typed = self.ordered.get((namespace, "type", type_), [])
+            key = (namespace, "type", type_)
             sources.append(
-                _Source(field="type", size=len(typed), newest_first=lambda: reversed(typed))
+                _Source(
+                    field="type",
+                    lists=[self.ordered.get(key, [])],
+                    sets=[self.id_sets.get(key, set())],
+                )
             )
-        if not sources and after is None and before is None:
+        if not sources and not has_date:
             return all_ids[: -limit - 1 : -1]
-        state_sets = (
-            [self.id_sets.get((namespace, "state", st), set()) for st in states_]
-            if states_ is not None
-            else None
-        )
-        type_set = self.id_sets.get((namespace, "type", type_), set()) if type_ else None
-        by_id = self.by_id
-
-        def matches(id_: OpId, skip: str) -> bool:
-            if (
-                skip != "state"
-                and state_sets is not None
-                and not any(id_ in members for members in state_sets)
-            ):
-                return False
-            if skip != "type" and type_set is not None and id_ not in type_set:
-                return False
-            if skip != "date" and (after is not None or before is not None):
-                stamp = by_id[(namespace, id_)].updated_ts
-                if after is not None and stamp < after:
-                    return False
-                if before is not None and stamp >= before:
-                    return False
-            return True
-
+        sources.sort(key=lambda source: source.size)  # most selective first
+        if sources and sources[0].size == 0:
+            return []
         window_size = total
         lo = hi = 0
-        times = self.ns_times.get(namespace, [])
-        if after is not None or before is not None:
+        if has_date:
+            times = self.ns_times.get(namespace, [])
             lo = 0 if after is None else bisect.bisect_left(times, (after, 0))
             hi = len(times) if before is None else bisect.bisect_left(times, (before, 0))
             window_size = max(hi - lo, 0)
             if window_size == 0:
                 return []
-        if any(source.size == 0 for source in sources):
-            return []
-        walk = min(
-            sources,
-            key=lambda source: source.size,
-            default=_Source(field="all", size=total, newest_first=lambda: reversed(all_ids)),
-        )
+        walk = sources[0] if sources else _Source(field="all", lists=[all_ids], sets=[])
+        others = sources[1:]
         # Walking the smallest index newest-first and checking the other filters stops
         # after about limit / P(others match) entries, if the filters are independent.
         # Dates are not: ids grow with time, so an old window is reached only at the
         # end of a walk, and with a date filter the walk is costed as its whole index.
-        has_date = after is not None or before is not None
-        others = 1.0
-        for source in sources:
-            if source is not walk:
-                others *= source.size / total
-        walk_estimate = walk.size if has_date else min(walk.size, limit / others)
+        selectivity = math.prod(source.size / total for source in others)
+        expected = min(walk.size, limit / selectivity)
+        walk_estimate = walk.size if has_date else expected
         set_base = window_size if has_date else walk.size
         if set_base * _SET_COST < walk_estimate:
             # The gather plan: membership tests against the id sets, then a sort, which
             # is nearly linear here because ids already grow with time.
-            gathered: list[OpId]
             if has_date:
-                gathered = self.ns_time_ids[namespace][lo:hi]
-                if type_set is not None:
-                    gathered = [id_ for id_ in gathered if id_ in type_set]
-            elif type_set is not None:
-                gathered = list(type_set)
+                gathered = _members(self.ns_time_ids[namespace][lo:hi], sources)
             else:
-                gathered = [id_ for members in state_sets or [] for id_ in members]
-            if state_sets is not None and (has_date or type_set is not None):
-                wanted: set[OpId] = set()
-                for members in state_sets:
-                    wanted |= members.intersection(gathered)
-                gathered = [id_ for id_ in gathered if id_ in wanted]
+                gathered = _members(walk.between(0, all_ids[-1] + 1), others)
             gathered.sort()
             return gathered[: -limit - 1 : -1]
+        return self._walk(
+            namespace,
+            walk=walk,
+            others=others,
+            span=math.ceil((all_ids[-1] + 1 - all_ids[0]) * min(1.0, 1.25 * expected / walk.size)),
+            after=after,
+            before=before,
+            limit=limit,
+        )
+
+    def _walk(
+        self,
+        namespace: str,
+        *,
+        walk: _Source,
+        others: list[_Source],
+        span: int,
+        after: float | None,
+        before: float | None,
+        limit: int,
+    ) -> list[OpId]:
+        """The walk plan, newest first, in id ranges: each range is cut from the sorted
+        lists by bisection and filtered by C-level membership tests, so the Python work
+        is per range, not per id. The first range is sized to hold about ``limit``
+        matches; every further one is twice as wide, which bounds the work at about
+        twice the ids that had to be looked at."""
+        all_ids = self.ns_ids[namespace]
+        bottom, top = all_ids[0], all_ids[-1] + 1
         found: list[OpId] = []
-        for id_ in walk.newest_first():
-            if matches(id_, walk.field):
-                found.append(id_)
-                if len(found) == limit:
-                    break
-        return found
+        while top > bottom and len(found) < limit:
+            low = max(bottom, top - span)
+            chunk = _members(walk.between(low, top), others)
+            chunk.sort(reverse=True)
+            if after is not None or before is not None:
+                by_id = self.by_id
+                chunk = [
+                    id_
+                    for id_ in chunk
+                    if (after is None or by_id[(namespace, id_)].updated_ts >= after)
+                    and (before is None or by_id[(namespace, id_)].updated_ts < before)
+                ]
+            found += chunk
+            top = low
+            span *= 2
+        return found[:limit]
 
 
 class TaskCache(_Table[TaskEntry]):

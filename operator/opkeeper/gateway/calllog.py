@@ -13,19 +13,22 @@ here.
 
 SQLite calls block, so they run in threads and the event loop never waits on
 disk: one writer thread owns the write connection and commits appends in
-groups (one transaction for everything queued meanwhile, which is what keeps
-a logged call cheap under load), and one reader thread serves ``since`` and
-``latest`` from a second connection, which WAL lets read while the writer
-writes.
+groups (one transaction for everything that arrived while the previous group
+was being written, which is what keeps a logged call cheap under load), and
+one reader thread serves ``since`` and ``latest`` from a second connection,
+which WAL lets read while the writer writes.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
+import itertools
 import sqlite3
 from typing import NewType
 
@@ -107,10 +110,11 @@ CREATE TABLE IF NOT EXISTS serials (
 ) WITHOUT ROWID;
 """
 
-_NEXT_SERIAL = (
-    "INSERT INTO serials (tenant, last) VALUES (?, 1)"
-    " ON CONFLICT (tenant) DO UPDATE SET last = last + 1 RETURNING last"
+_TAKE_SERIALS = (
+    "INSERT INTO serials (tenant, last) VALUES (?, ?)"
+    " ON CONFLICT (tenant) DO UPDATE SET last = last + excluded.last RETURNING last"
 )
+"""Reserves the next n serials of a tenant (n is the second parameter); returns the last."""
 _INSERT = (
     "INSERT INTO calls (tenant, serial, ts, method, args, result, exception, address)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -147,16 +151,18 @@ class SqliteCallLog(CallLog):
         self._reader_pool = concurrent.futures.ThreadPoolExecutor(1, "calllog-reader")
         self._write_conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
-        # None is the stop marker close() queues behind the last append.
-        self._queue: asyncio.Queue[tuple[_Row, asyncio.Future[Serial]] | None] = asyncio.Queue()
-        self._flusher: asyncio.Task[None] | None = None
+        self._pending: collections.deque[tuple[_Row, asyncio.Future[Serial]]] = collections.deque()
+        self._idle = asyncio.Event()
+        """Set while no group is scheduled or being written (close() waits for it)."""
+        self._idle.set()
+        self._accepting = False
 
     async def open(self) -> None:
-        """Create the schema if needed and start the group-commit task."""
+        """Create the schema if needed; appends are accepted from now on."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer_pool, self._open_writer)
         await loop.run_in_executor(self._reader_pool, self._open_reader)
-        self._flusher = asyncio.create_task(self._flush_forever(), name="calllog-flush")
+        self._accepting = True
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._settings.path, isolation_level=None)
@@ -186,52 +192,72 @@ class SqliteCallLog(CallLog):
         address: str = "",
         when: datetime.datetime | None = None,
     ) -> Serial:
-        if self._flusher is None:
-            raise RuntimeError("SqliteCallLog.open() was not awaited")
+        if not self._accepting:
+            raise RuntimeError("SqliteCallLog is not open")
         ts = (when or datetime.datetime.now(datetime.UTC)).timestamp()
-        done: asyncio.Future[Serial] = asyncio.get_running_loop().create_future()
-        await self._queue.put(
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Serial] = loop.create_future()
+        self._pending.append(
             ((tenant, ts, method, args_json, result_json, exception, address), done)
         )
+        if self._idle.is_set():
+            # Written at the end of this loop iteration, not now: every call answered in
+            # the same iteration joins the group.
+            self._idle.clear()
+            loop.call_soon(self._write_next_group)
         return await done
 
-    async def _flush_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self._settings.batch_max and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-            try:
-                serials = await loop.run_in_executor(
-                    self._writer_pool, self._write_batch, [row for row, _ in batch]
-                )
-            except Exception as exc:  # the callers see the store's error, the loop goes on
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                continue
-            for (_, done), serial in zip(batch, serials, strict=True):
+    def _write_next_group(self) -> None:
+        """Hand what is pending (up to ``batch_max``) to the writer thread; the group
+        after it starts when this one is committed."""
+        if not self._pending:
+            self._idle.set()
+            return
+        count = min(len(self._pending), self._settings.batch_max)
+        group = [self._pending.popleft() for _ in range(count)]
+        writing = asyncio.get_running_loop().run_in_executor(
+            self._writer_pool, self._write_batch, [row for row, _ in group]
+        )
+        writing.add_done_callback(functools.partial(self._written, group))
+
+    def _written(
+        self,
+        group: list[tuple[_Row, asyncio.Future[Serial]]],
+        writing: asyncio.Future[list[Serial]],
+    ) -> None:
+        exc = writing.exception()
+        if exc is not None:  # the callers see the store's error; later groups still go
+            for _, done in group:
+                if not done.done():
+                    done.set_exception(exc)
+        else:
+            for (_, done), serial in zip(group, writing.result(), strict=True):
                 if not done.done():
                     done.set_result(serial)
+        self._write_next_group()
 
     def _write_batch(self, rows: list[_Row]) -> list[Serial]:
         conn = self._write_conn
         assert conn is not None
-        serials: list[Serial] = []
+        # One counter update per tenant and one executemany for the group: per-row
+        # statements from Python cost more than the rest of the commit.
+        wanted = collections.Counter(row[0] for row in rows)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for tenant, ts, method, args, result, exception, address in rows:
-                (last,) = conn.execute(_NEXT_SERIAL, (tenant,)).fetchone()
-                conn.execute(_INSERT, (tenant, last, ts, method, args, result, exception, address))
-                serials.append(Serial(int(last)))
+            next_serial: dict[str, itertools.count[int]] = {}
+            for tenant, n in wanted.items():
+                (last,) = conn.execute(_TAKE_SERIALS, (tenant, n)).fetchone()
+                next_serial[tenant] = itertools.count(int(last) - n + 1)
+            serials = [Serial(next(next_serial[row[0]])) for row in rows]
+            conn.executemany(
+                _INSERT,
+                [
+                    (tenant, serial, ts, method, args, result, exception, address)
+                    for (tenant, ts, method, args, result, exception, address), serial in zip(
+                        rows, serials, strict=True
+                    )
+                ],
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -280,10 +306,8 @@ class SqliteCallLog(CallLog):
         return await asyncio.get_running_loop().run_in_executor(self._writer_pool, run)
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            await self._queue.put(None)  # behind every queued append: they all commit first
-            await self._flusher
-            self._flusher = None
+        self._accepting = False
+        await self._idle.wait()  # every append made so far is committed first
         loop = asyncio.get_running_loop()
         if self._write_conn is not None:
             await loop.run_in_executor(self._writer_pool, self._write_conn.close)

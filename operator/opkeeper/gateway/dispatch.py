@@ -70,6 +70,15 @@ class _Call:
     logged_result: Any = None
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Encoded:
+    """A result a handler already encoded, for the answer and for the call log (a
+    reused answer: encoding is most of a read's cost)."""
+
+    body: bytes
+    result_json: str
+
+
 Handler = Callable[["Dispatcher", _Call], Awaitable[Any]]
 
 
@@ -110,7 +119,10 @@ class Dispatcher:
         state = _Call(request=request, params=call.params)
         try:
             result = await method.handler(self, state)
-            encoded = xmlrpc.encode_response(result)
+            if isinstance(result, _Encoded):
+                encoded = result.body
+            else:
+                encoded = xmlrpc.encode_response(result)
         except Exception as exc:
             fault, encoded = faults.encode(exc)
             await self._log(call.method, method, state, fault=fault)
@@ -123,11 +135,17 @@ class Dispatcher:
     ) -> None:
         if not method.logged or call.identity is None:
             return
+        if fault is not None:
+            result_json = ""
+        elif isinstance(call.logged_result, _Encoded):
+            result_json = call.logged_result.result_json
+        else:
+            result_json = _json(call.logged_result)
         await self.svc.call_log.append(
             tenant=call.identity.tenant,
             method=name,
             args_json=_json({"args": call.logged_args, "kw": {}}),
-            result_json="" if fault is not None else _json(call.logged_result),
+            result_json=result_json,
             exception="" if fault is None else f"{fault.code}: {fault.message}",
             address=call.request.address,
             when=call.request.now,
@@ -211,26 +229,64 @@ def wire(value: Any) -> Any:
     return value
 
 
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, datetime.datetime):
+        return obj.isoformat()
+    if isinstance(obj, bytes):
+        return base64.b64encode(obj).decode("ascii")
+    return str(obj)
+
+
+# One encoder for every call: json.dumps with options builds a new one per call.
+_JSON = json.JSONEncoder(default=_json_default, sort_keys=True, separators=(",", ":"))
+
+
 def _json(value: Any) -> str:
-    def default(obj: Any) -> Any:
-        if isinstance(obj, datetime.datetime):
-            return obj.isoformat()
-        if isinstance(obj, bytes):
-            return base64.b64encode(obj).decode("ascii")
-        return str(obj)
-
-    return json.dumps(value, default=default, sort_keys=True, separators=(",", ":"))
+    return _JSON.encode(value)
 
 
-def _gandi_details(entry: cache.OperationEntry, *, now: datetime.datetime) -> dict[str, Any]:
-    status = entry.status
-    eta = cache.parse_time(status.get("eta"))
+def _eta_seconds(entry: cache.OperationEntry, *, now: datetime.datetime) -> int:
+    """Gandi's ``eta``: seconds until ``status.eta``, 0 once finished, -1 when unknown.
+    The one detail that depends on the time of the call."""
     if states.is_terminal(entry.state):
-        eta_seconds = 0
-    elif eta is None:
-        eta_seconds = -1
-    else:
-        eta_seconds = max(0, int((eta - now).total_seconds()))
+        return 0
+    eta = cache.parse_time(entry.status.get("eta"))
+    if eta is None:
+        return -1
+    return max(0, int((eta - now).total_seconds()))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Details:
+    """The encoded details of one entry version, for one ``eta`` value."""
+
+    eta_seconds: int
+    answer: _Encoded
+
+
+_DETAILS = "gandi_details"
+"""Where the encoded details are kept in :attr:`cache.OperationEntry.derived`."""
+
+
+def _details_answer(entry: cache.OperationEntry, *, now: datetime.datetime) -> _Encoded:
+    """The encoded details, built once per entry version and ``eta`` value.
+
+    Details are a function of the entry and ``eta`` alone, so an answer kept with the
+    entry is exact as long as ``eta`` is the same: always for finished operations and
+    those without an eta, and within the same second otherwise.
+    """
+    eta_seconds = _eta_seconds(entry, now=now)
+    kept = entry.derived.get(_DETAILS)
+    if isinstance(kept, _Details) and kept.eta_seconds == eta_seconds:
+        return kept.answer
+    details = _gandi_details(entry, eta_seconds=eta_seconds)
+    answer = _Encoded(body=xmlrpc.encode_response(details), result_json=_json(details))
+    entry.derived[_DETAILS] = _Details(eta_seconds=eta_seconds, answer=answer)
+    return answer
+
+
+def _gandi_details(entry: cache.OperationEntry, *, eta_seconds: int) -> dict[str, Any]:
+    status = entry.status
     last_error = "; ".join(status.get("errorInfo") or [])
     if not last_error and entry.state in states.FAILED:
         last_error = str(status.get("message") or entry.state.value)
@@ -299,14 +355,14 @@ async def _operation_list(d: Dispatcher, call: _Call) -> list[int]:
     return ids
 
 
-async def _operation_details(d: Dispatcher, call: _Call) -> dict[str, Any]:
+async def _operation_details(d: Dispatcher, call: _Call) -> _Encoded:
     _arity(call, low=2, high=2, signature="operation_details(session, opid)")
     who = d.session_identity(call, call.params[0])
     call.logged_args = [REDACTED_SESSION, call.params[1]]
     entry = d.svc.operation(who=who, id_=_opid(call.params[1]))
-    details = _gandi_details(entry, now=call.request.now)
-    call.logged_result = details
-    return details
+    answer = _details_answer(entry, now=call.request.now)
+    call.logged_result = answer
+    return answer
 
 
 async def _operation_relaunch(d: Dispatcher, call: _Call) -> bool:

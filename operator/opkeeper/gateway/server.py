@@ -89,6 +89,24 @@ class Metrics:
         self.sessions = prometheus_client.Gauge(
             "opkeeper_gateway_sessions", "Live login sessions.", registry=self.registry
         )
+        # The labelled children, looked up once: ``labels()`` validates and hashes its
+        # arguments under a lock on every call. The label sets are bounded (methods are a
+        # fixed table, outcomes the fault names), so these stay small.
+        self._counted: dict[tuple[str, str, str], prometheus_client.Counter] = {}
+        self._timed: dict[tuple[str, str], prometheus_client.Histogram] = {}
+
+    def record(self, *, dialect: str, method: str, outcome: str, seconds: float) -> None:
+        """Count one XML-RPC call and observe its latency."""
+        counter = self._counted.get((dialect, method, outcome))
+        if counter is None:
+            counter = self._counted[(dialect, method, outcome)] = self.requests.labels(
+                dialect, method, outcome
+            )
+        counter.inc()
+        histogram = self._timed.get((dialect, method))
+        if histogram is None:
+            histogram = self._timed[(dialect, method)] = self.latency.labels(dialect, method)
+        histogram.observe(seconds)
 
 
 class Gateway:
@@ -101,6 +119,7 @@ class Gateway:
         kube_client: kube.Client,
         call_log: calllog.CallLog,
         id_allocator: service.Ids | None = None,
+        id_seal: service.Seal | None = None,
     ) -> None:
         self.settings = settings
         self.kube = kube_client
@@ -120,6 +139,7 @@ class Gateway:
                 namespace=settings.system_namespace,
                 block_size=settings.id_block_size,
             ),
+            id_seal=id_seal or ids.IdSeal(kube_client, namespace=settings.system_namespace),
             call_log=call_log,
             settings=settings.service,
         )
@@ -199,11 +219,11 @@ class Gateway:
                 ),
             )
             close = False
-        self.metrics.requests.labels(
-            outcome.dialect, outcome.method, "ok" if outcome.fault is None else outcome.fault.name
-        ).inc()
-        self.metrics.latency.labels(outcome.dialect, outcome.method).observe(
-            time.perf_counter() - started
+        self.metrics.record(
+            dialect=outcome.dialect,
+            method=outcome.method,
+            outcome="ok" if outcome.fault is None else outcome.fault.name,
+            seconds=time.perf_counter() - started,
         )
         response = web.Response(body=outcome.body, content_type=XML, charset="utf-8")
         if close:

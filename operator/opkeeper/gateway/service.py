@@ -97,6 +97,13 @@ class Ids(Protocol):
     async def allocate(self) -> int: ...
 
 
+class Seal(Protocol):
+    """Seals an id for the object it labels (:class:`opkeeper.ids.IdSeal`), so the
+    controller keeps the id the gateway already answered with."""
+
+    async def stamp(self, value: int, *, namespace: str, name: str) -> ids.Stamp: ...
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """How the service creates and lists operations."""
@@ -159,6 +166,7 @@ class Service:
         kube_client: Kube,
         dry_run: DryRun,
         id_allocator: Ids,
+        id_seal: Seal,
         call_log: calllog.CallLog,
         settings: Settings,
     ) -> None:
@@ -167,6 +175,7 @@ class Service:
         self._kube = kube_client
         self._dry_run = dry_run
         self._ids = id_allocator
+        self._seal = id_seal
         self.call_log = call_log
         self.settings = settings
 
@@ -261,14 +270,18 @@ class Service:
         except pydantic.ValidationError as exc:
             raise errors.InvalidArgument(records.validation_message(exc)) from None
         id_ = cache.OpId(await self._ids.allocate())
+        stamp = await self._seal.stamp(id_, namespace=who.tenant, name=f"op-{id_}")
         body: Body = {
             "apiVersion": API_VERSION,
             "kind": "Operation",
             "metadata": {
                 "name": f"op-{id_}",
                 "namespace": who.tenant,
-                "labels": {ids.LABEL: str(id_), "app.kubernetes.io/created-by": "opkeeper-gateway"},
-                "annotations": {"opkeeper.dev/created-by-user": who.user_id},
+                "labels": {**stamp.labels, "app.kubernetes.io/created-by": "opkeeper-gateway"},
+                "annotations": {
+                    **stamp.annotations,
+                    "opkeeper.dev/created-by-user": who.user_id,
+                },
             },
             "spec": spec.to_k8s(),
         }
@@ -448,10 +461,14 @@ class Service:
 
     async def _new_body(self, *, who: auth.Identity, parsed: records.Parsed, spec: Body) -> Body:
         labels = {"app.kubernetes.io/created-by": "opkeeper-gateway"}
+        annotations = {"opkeeper.dev/created-by-user": who.user_id}
         kind = "ScheduledTask"
         if parsed.type == "operation":
             kind = "Operation"
-            labels[ids.LABEL] = str(await self._ids.allocate())
+            value = await self._ids.allocate()
+            stamp = await self._seal.stamp(value, namespace=who.tenant, name=parsed.name)
+            labels.update(stamp.labels)
+            annotations.update(stamp.annotations)
         return {
             "apiVersion": API_VERSION,
             "kind": kind,
@@ -459,7 +476,7 @@ class Service:
                 "name": parsed.name,
                 "namespace": who.tenant,
                 "labels": labels,
-                "annotations": {"opkeeper.dev/created-by-user": who.user_id},
+                "annotations": annotations,
             },
             "spec": spec,
         }

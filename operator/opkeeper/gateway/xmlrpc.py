@@ -34,9 +34,10 @@ import math
 import re
 from collections.abc import Callable
 from typing import Any, TypeAlias
+from xml.parsers import expat
 
 import defusedxml
-import defusedxml.ElementTree
+import defusedxml.xmlrpc
 
 from opkeeper import errors
 
@@ -129,6 +130,7 @@ _CHILDREN: dict[str, frozenset[str]] = {
     "array": frozenset({"data"}),
     "data": frozenset({"value"}),
 }
+_CHILDREN.update(dict.fromkeys((*_SCALARS, "methodName", "name"), frozenset()))
 _TEXT_ALLOWED = _SCALARS | {"value", "methodName", "name"}
 _NON_STANDARD = {
     "i8": "<i8> is not standard XML-RPC; integers must fit 32 bits (<int>)",
@@ -209,24 +211,32 @@ def _scalar(tag: str, text: str) -> Value:
     return text  # string
 
 
-@dataclasses.dataclass(slots=True)
 class _Frame:
-    tag: str
-    text: list[str] = dataclasses.field(default_factory=list)
-    value: Value | None = None
-    """The value of a <value>/<param> frame once its child ended."""
-    has_value: bool = False
-    items: list[Value] = dataclasses.field(default_factory=list)
-    members: dict[str, Value] = dataclasses.field(default_factory=dict)
-    name: str | None = None
+    """One open element and what its children gave it."""
+
+    __slots__ = ("has_value", "items", "members", "name", "tag", "text", "value")
+
+    def __init__(self, tag: str) -> None:
+        # Plain slots and no dataclass: a frame is made per element, and the dataclass's
+        # field factories cost more than the rest of the element's handling.
+        self.tag = tag
+        self.text: list[str] = []
+        self.value: Value | None = None
+        """The value of a <value>/<member>/<param>/<array> frame once its child ended."""
+        self.has_value = False
+        """Whether a value child has opened (set at its start, before :attr:`value`)."""
+        self.items: list[Value] = []
+        self.members: dict[str, Value] = {}
+        self.name: str | None = None
 
 
 class _Target:
-    """Receives parser events and checks the XML-RPC grammar as they come."""
+    """Receives expat's events and checks the XML-RPC grammar as they come."""
 
     def __init__(self, limits: Limits) -> None:
-        self._limits = limits
-        self._stack: list[_Frame] = [_Frame(tag="")]
+        self._max_elements = limits.max_elements
+        self._max_depth = limits.max_depth
+        self._stack: list[_Frame] = [_Frame("")]
         self._elements = 0
         self._depth = 0
         self.method: str | None = None
@@ -236,74 +246,75 @@ class _Target:
     def start(self, tag: str, attrs: list[str]) -> None:
         """An element opened (XML-RPC has no attributes: ``attrs`` is ignored)."""
         self._elements += 1
-        if self._elements > self._limits.max_elements:
-            raise LimitExceeded(f"more than {self._limits.max_elements} XML elements")
+        if self._elements > self._max_elements:
+            raise LimitExceeded(f"more than {self._max_elements} XML elements")
         parent = self._stack[-1]
-        if tag in _NON_STANDARD and parent.tag == "value":
-            raise InvalidRequest(_NON_STANDARD[tag])
-        allowed = _CHILDREN.get(parent.tag, frozenset())
-        if tag not in allowed:
+        if tag not in _CHILDREN[parent.tag]:
+            if tag in _NON_STANDARD and parent.tag == "value":
+                raise InvalidRequest(_NON_STANDARD[tag])
             where = f"inside <{parent.tag}>" if parent.tag else "as the root element"
             raise InvalidRequest(f"unexpected element <{tag[:64]}> {where}")
-        if parent.tag == "value" and parent.has_value:
-            raise InvalidRequest("a <value> holds exactly one typed child")
-        if parent.tag == "methodCall" and tag == "methodName" and self.method is not None:
-            raise InvalidRequest("more than one <methodName>")
-        if tag in _CONTAINERS:
-            self._depth += 1
-            if self._depth > self._limits.max_depth:
-                raise LimitExceeded(f"values nested deeper than {self._limits.max_depth}")
         if parent.tag == "value":
+            if parent.has_value:
+                raise InvalidRequest("a <value> holds exactly one typed child")
+            if tag in _CONTAINERS:  # containers only ever open inside a <value>
+                self._depth += 1
+                if self._depth > self._max_depth:
+                    raise LimitExceeded(f"values nested deeper than {self._max_depth}")
             parent.has_value = True
-        self._stack.append(_Frame(tag=tag))
+        elif tag == "methodName" and self.method is not None:
+            raise InvalidRequest("more than one <methodName>")
+        self._stack.append(_Frame(tag))
+
+    def xml(self, encoding: str | None, standalone: int) -> None:
+        """The XML declaration (the parser's hook for it); nothing in it matters here."""
 
     def data(self, text: str) -> None:
         frame = self._stack[-1]
         if frame.tag in _TEXT_ALLOWED:
             frame.text.append(text)
-        elif text.strip():
+        elif not text.isspace():
             raise InvalidRequest(f"unexpected text inside <{frame.tag}>")
 
     def end(self, tag: str) -> None:
         frame = self._stack.pop()
         parent = self._stack[-1]
-        if tag in _SCALARS:
-            self._give(parent, _scalar(tag, "".join(frame.text)))
-        elif tag == "value":
-            if frame.has_value:
-                if frame.value is None:  # pragma: no cover - the grammar guarantees a child
-                    raise InvalidRequest("empty <value>")
-                if "".join(frame.text).strip():
+        # Most frequent first: every value ends as a <value> and one typed child.
+        if tag == "value":
+            if frame.value is not None:  # a typed child
+                if frame.text and "".join(frame.text).strip():
                     raise InvalidRequest("text next to a typed value")
                 self._give(parent, frame.value)
             else:
                 self._give(parent, "".join(frame.text))  # untyped <value> is a string
+        elif tag in _SCALARS:
+            self._give(parent, _scalar(tag, "".join(frame.text)))
+        elif tag == "member":
+            if frame.name is None or frame.value is None:
+                raise InvalidRequest("a <member> needs a <name> and a <value>")
+            if frame.name in parent.members:
+                raise InvalidRequest(f"duplicate struct member {frame.name[:64]!r}")
+            parent.members[frame.name] = frame.value
+        elif tag == "name":
+            if parent.name is not None:
+                raise InvalidRequest("a <member> holds exactly one <name>")
+            parent.name = "".join(frame.text)
+        elif tag == "param":
+            if frame.value is None:
+                raise InvalidRequest("a <param> needs a <value>")
+            self.params.append(frame.value)
         elif tag == "struct":
             self._depth -= 1
             self._give(parent, frame.members)
+        elif tag == "data":
+            if parent.value is not None:
+                raise InvalidRequest("<array> holds exactly one <data>")
+            parent.value = frame.items
         elif tag == "array":
             self._depth -= 1
             if frame.value is None:
                 raise InvalidRequest("<array> needs a <data> element")
             self._give(parent, frame.value)
-        elif tag == "data":
-            if parent.value is not None:
-                raise InvalidRequest("<array> holds exactly one <data>")
-            parent.value = frame.items
-        elif tag == "name":
-            if parent.name is not None:
-                raise InvalidRequest("a <member> holds exactly one <name>")
-            parent.name = "".join(frame.text)
-        elif tag == "member":
-            if frame.name is None or not frame.has_value or frame.value is None:
-                raise InvalidRequest("a <member> needs a <name> and a <value>")
-            if frame.name in parent.members:
-                raise InvalidRequest(f"duplicate struct member {frame.name[:64]!r}")
-            parent.members[frame.name] = frame.value
-        elif tag == "param":
-            if frame.value is None:
-                raise InvalidRequest("a <param> needs a <value>")
-            self.params.append(frame.value)
         elif tag == "methodName":
             name = "".join(frame.text).strip()
             if not _METHOD_NAME.match(name):
@@ -312,19 +323,15 @@ class _Target:
         elif tag == "methodCall":
             self.done = True
 
-    def _give(self, parent: _Frame, value: Value) -> None:
+    @staticmethod
+    def _give(parent: _Frame, value: Value) -> None:
         if parent.tag == "data":
             parent.items.append(value)
-        elif parent.tag in ("value", "member", "param"):
-            if parent.tag != "value" and parent.has_value:
+        else:  # <value>, <member> or <param>: the grammar nests values nowhere else
+            if parent.has_value and parent.tag != "value":
                 raise InvalidRequest(f"a <{parent.tag}> holds exactly one <value>")
             parent.value = value
             parent.has_value = True
-        else:  # pragma: no cover - the grammar only nests values in these
-            raise InvalidRequest(f"a value cannot appear inside <{parent.tag}>")
-
-    def close(self) -> None:
-        """Called by the parser at the end; nothing to release."""
 
 
 def decode_call(body: bytes, *, limits: Limits = DEFAULT_LIMITS) -> MethodCall:
@@ -332,14 +339,10 @@ def decode_call(body: bytes, *, limits: Limits = DEFAULT_LIMITS) -> MethodCall:
     if len(body) > limits.max_body_bytes:
         raise BodyTooLarge(f"request body larger than {limits.max_body_bytes} bytes")
     target = _Target(limits)
-    parser = defusedxml.ElementTree.DefusedXMLParser(
-        target=target, forbid_dtd=True, forbid_entities=True, forbid_external=True
-    )
-    # Element events straight from expat to the target: ElementTree's own wrappers only
-    # rebuild names and attribute dicts we do not use, and cost a third of the parse.
-    # defusedxml's DTD and entity handlers stay installed on the same expat parser.
-    parser.parser.StartElementHandler = target.start
-    parser.parser.EndElementHandler = target.end
+    # defusedxml's expat-level parser (the one it offers for XML-RPC): C expat calls the
+    # grammar checker directly, and a DOCTYPE, entity declaration or external
+    # reference stops the parse before anything can expand.
+    parser = defusedxml.xmlrpc.DefusedExpatParser(target, forbid_dtd=True)
     try:
         parser.feed(body)
         parser.close()
@@ -347,7 +350,7 @@ def decode_call(body: bytes, *, limits: Limits = DEFAULT_LIMITS) -> MethodCall:
         raise ForbiddenXml(
             f"DTDs, entity declarations and external references are refused ({type(exc).__name__})"
         ) from None
-    except defusedxml.ElementTree.ParseError as exc:
+    except expat.ExpatError as exc:
         raise MalformedXml(f"not well-formed XML: {exc}") from None
     if not target.done or target.method is None:
         raise InvalidRequest("a methodCall needs a <methodName>")
@@ -441,10 +444,23 @@ def _write_struct(value: dict[Any, Any], out: list[str], depth: int) -> None:
     out.append("</struct></value>")
 
 
+_JUST_INT = {int}
+
+
 def _write_array(value: list[Any] | tuple[Any, ...], out: list[str], depth: int) -> None:
     out.append("<value><array><data>")
-    for item in value:
-        _encode(item, out, depth + 1)
+    if set(map(type, value)) == _JUST_INT:
+        # The common large answer is a list of ids (operation_list: up to 300): one check
+        # of the range and one join instead of a writer call per item.
+        if value and not (min(value) >= I4_MIN and max(value) <= I4_MAX):
+            bad = next(item for item in value if not I4_MIN <= item <= I4_MAX)
+            _write_int(bad, out, depth)  # raises NotRepresentable, naming the value
+        if value:
+            ints = "</int></value><value><int>".join(map(str, value))
+            out.append(f"<value><int>{ints}</int></value>")
+    else:
+        for item in value:
+            _encode(item, out, depth + 1)
     out.append("</data></array></value>")
 
 
