@@ -26,13 +26,18 @@ Two ways to fill the cache:
 Every call is also written to the call log (SQLite, group-committed), as in
 production.
 
+``--workers N`` runs N gateway processes on one port (``SO_REUSEPORT``, as
+``opkeeper gateway --workers N`` does, metrics in multiprocess mode), each
+with the same synthetic fill and one shared call log file; the gateway CPU
+per call and the peak RSS are summed over them.
+
 Results go to <out>/<name>.{json,md}; the runs already there are kept under
 "history" (and "Earlier runs" in the markdown), newest first, so a re-run never
 erases the numbers it is compared with. ``--note`` adds a line under the table
 (what changed since the previous run).
 
 Usage: python bench/bench_gateway.py [--sizes 10000,100000] [--fill direct]
-       [--duration 10] [--concurrency 32] [--out bench/results] [--note TEXT]
+       [--duration 10] [--concurrency 32] [--workers 1] [--out bench/results] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import os
 import pathlib
 import platform
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -63,6 +69,8 @@ from opkeeper.gateway import auth, server
 
 NAMESPACE = "bench"
 KEY = "opk_bench-key-not-secret"
+SESSION_KEY = auth.FixedKey(value=b"bench-session-key-not-secret-32b")
+"""Shared by every worker, as the session key Secret is in a cluster."""
 TYPES = ["domain_create", "domain_renew", "domain_transfer", "vm_deploy", "dns_update"]
 STATES = [
     "Pending",
@@ -123,15 +131,22 @@ def key_secret() -> dict[str, Any]:
 
 
 def gateway_process(
-    conn: multiprocessing.connection.Connection, size: int, kubeconfig: str | None, workdir: str
+    conn: multiprocessing.connection.Connection,
+    size: int,
+    kubeconfig: str | None,
+    workdir: str,
+    settings: server.Settings,
 ) -> None:
-    asyncio.run(_gateway_main(conn, size, kubeconfig, workdir))
+    asyncio.run(_gateway_main(conn, size, kubeconfig, workdir, settings))
 
 
 async def _gateway_main(
-    conn: multiprocessing.connection.Connection, size: int, kubeconfig: str | None, workdir: str
+    conn: multiprocessing.connection.Connection,
+    size: int,
+    kubeconfig: str | None,
+    workdir: str,
+    settings: server.Settings,
 ) -> None:
-    settings = server.Settings(port=0, call_log_path=os.path.join(workdir, "calllog.sqlite3"))
     credentials = (
         kube.Credentials.from_kubeconfig(kubeconfig)
         if kubeconfig
@@ -139,10 +154,12 @@ async def _gateway_main(
     )
     async with (
         kube.Client(credentials) as client,
-        server.running(settings=settings, kube_client=client, feeds=kubeconfig is not None) as (
-            gateway,
-            port,
-        ),
+        server.running(
+            settings=settings,
+            kube_client=client,
+            session_key=SESSION_KEY,
+            feeds=kubeconfig is not None,
+        ) as (gateway, port),
     ):
         started = time.perf_counter()
         if kubeconfig is None:
@@ -360,6 +377,60 @@ def list_bodies(session: str) -> list[bytes]:
     return [xmlrpc.client.dumps((session, f), "operation_list").encode() for f in filters]
 
 
+class Gateways:
+    """The gateway process(es) under test, each answering on its own pipe."""
+
+    def __init__(self, *, size: int, kubeconfig: str | None, workdir: str, workers: int) -> None:
+        self._reserved = None
+        port = 0
+        if workers > 1:
+            self._reserved = server.reserve_port(host="127.0.0.1", port=0)
+            port = self._reserved.getsockname()[1]
+            os.environ[server.MULTIPROC_DIR] = os.path.join(workdir, "metrics")
+            os.mkdir(os.environ[server.MULTIPROC_DIR])
+        settings = server.Settings(
+            port=port, workers=workers, call_log_path=os.path.join(workdir, "calllog.sqlite3")
+        )
+        ctx = multiprocessing.get_context("spawn")
+        self._pipes = []
+        self._processes = []
+        for _ in range(workers):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(
+                target=gateway_process, args=(child, size, kubeconfig, workdir, settings)
+            )
+            process.start()
+            self._pipes.append(parent)
+            self._processes.append(process)
+
+    async def _ask(self, message: str | None) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        if message is not None:
+            for pipe in self._pipes:
+                pipe.send(message)
+        answers = (loop.run_in_executor(None, pipe.recv) for pipe in self._pipes)
+        return list(await asyncio.gather(*answers))
+
+    async def started(self) -> dict[str, Any]:
+        """The first worker's port, cache size and fill time (the slowest fill)."""
+        infos = await self._ask(None)
+        return {**infos[0], "fill_seconds": max(i["fill_seconds"] for i in infos)}
+
+    async def cpu(self) -> float:
+        """CPU seconds used so far, summed over the workers."""
+        return float(sum(await self._ask("cpu")))
+
+    async def stop(self) -> int:
+        """Stop every worker; returns their peak RSS in bytes, summed."""
+        peaks = await self._ask("stop")
+        for process in self._processes:
+            process.join(30)
+        if self._reserved is not None:
+            self._reserved.close()
+            shutil.rmtree(os.environ.pop(server.MULTIPROC_DIR), ignore_errors=True)
+        return sum(int(p["peak_rss_bytes"]) for p in peaks)
+
+
 async def bench_size(
     size: int,
     *,
@@ -367,13 +438,11 @@ async def bench_size(
     concurrency: int,
     list_concurrency: int,
     kubeconfig: str | None,
+    workers: int,
 ) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
     with tempfile.TemporaryDirectory() as workdir:
-        process = ctx.Process(target=gateway_process, args=(child, size, kubeconfig, workdir))
-        process.start()
-        info = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
+        gateways = Gateways(size=size, kubeconfig=kubeconfig, workdir=workdir, workers=workers)
+        info = await gateways.started()
         port = info["port"]
         session = str(xmlrpc.client.ServerProxy(f"http://127.0.0.1:{port}/xmlrpc").login(KEY))
         rnd = random.Random(42)
@@ -381,29 +450,22 @@ async def bench_size(
             xmlrpc.client.dumps((session, rnd.randrange(1, size + 1)), "operation_details").encode()
             for _ in range(2000)
         ]
-        loop = asyncio.get_running_loop()
-
-        async def cpu() -> float:
-            parent.send("cpu")
-            seconds: float = await loop.run_in_executor(None, parent.recv)
-            return seconds
 
         await load(port, details, duration=2, concurrency=concurrency)  # warm-up
-        cpu_before = await cpu()
+        cpu_before = await gateways.cpu()
         details_result = await load(port, details, duration=duration, concurrency=concurrency)
-        details_cpu_us = (await cpu() - cpu_before) / details_result.requests * 1e6
+        details_cpu_us = (await gateways.cpu() - cpu_before) / details_result.requests * 1e6
         http_only = await baseline(duration=duration, concurrency=concurrency)
-        cpu_before = await cpu()
+        cpu_before = await gateways.cpu()
         list_result = await load(
             port, list_bodies(session), duration=duration, concurrency=list_concurrency
         )
-        list_cpu_us = (await cpu() - cpu_before) / list_result.requests * 1e6
+        list_cpu_us = (await gateways.cpu() - cpu_before) / list_result.requests * 1e6
         list_serial = await load(port, list_bodies(session), duration=duration / 2, concurrency=1)
-        parent.send("stop")
-        rss = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
-        process.join(30)
+        rss = await gateways.stop()
     return {
         "operations": size,
+        "workers": workers,
         "cached": info["cached"],
         "fill": "apiserver" if kubeconfig else "direct",
         "fill_seconds": round(info["fill_seconds"], 2),
@@ -412,7 +474,7 @@ async def bench_size(
         "details": {**details_result.summary(), "gateway_cpu_us_per_call": round(details_cpu_us)},
         "list": {**list_result.summary(), "gateway_cpu_us_per_call": round(list_cpu_us)},
         "list_one_client": list_serial.summary(),
-        "peak_rss_mib": round(rss["peak_rss_bytes"] / 2**20, 1),
+        "peak_rss_mib": round(rss / 2**20, 1),
         "http_only": http_only,
     }
 
@@ -460,12 +522,12 @@ def machine() -> dict[str, Any]:
 def table(report: dict[str, Any]) -> list[str]:
     """One report's runs as a markdown table (earlier reports lack the client column)."""
     lines = [
-        "| operations | cache fill | details clients | details req/s | details p50 ms"
-        " | details p99 ms | list clients | list req/s | list p50 ms | list p99 ms"
+        "| operations | gateway workers | cache fill | details clients | details req/s"
+        " | details p50 ms | details p99 ms | list clients | list req/s | list p50 ms | list p99 ms"
         " | list p99 ms (1 client) | gateway CPU µs per details / list call"
         " | load generator CPU µs per details / list call | peak RSS MiB"
         " | HTTP-only req/s (server CPU µs per call) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         d, li, l1 = r["details"], r["list"], r["list_one_client"]
@@ -475,7 +537,8 @@ def table(report: dict[str, Any]) -> list[str]:
             else "not measured"
         )
         lines.append(
-            f"| {r['operations']:,} | {r['fill']} ({r['fill_seconds']} s) | {r['concurrency']}"
+            f"| {r['operations']:,} | {r.get('workers', 1)}"
+            f" | {r['fill']} ({r['fill_seconds']} s) | {r['concurrency']}"
             f" | {d['req_per_s']:,} | {d['p50_ms']} | {d['p99_ms']} | {r['list_concurrency']}"
             f" | {li['req_per_s']:,}"
             f" | {li['p50_ms']} | {li['p99_ms']} | {l1['p99_ms']}"
@@ -501,9 +564,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         heading(report),
         "",
-        "Gateway in its own process; load generator in another process on the same machine"
-        " (they share the CPUs), loopback HTTP keep-alive, real XML-RPC bodies. Every call is"
-        " also written to the SQLite call log.",
+        "Gateway in its own process(es); load generator in another process on the same"
+        " machine (they share the CPUs), loopback HTTP keep-alive, real XML-RPC bodies. Every"
+        " call is also written to the SQLite call log. With several gateway workers, their"
+        " CPU per call and peak RSS are summed.",
         "",
         *table(report),
         "",
@@ -534,6 +598,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=32, help="details clients")
     parser.add_argument("--list-concurrency", type=int, default=4, help="list clients")
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes sharing the port")
     common.add_output_arguments(parser, name="gateway")
     parser.add_argument(
         "--note",
@@ -553,6 +618,7 @@ def main() -> int:
         "duration": args.duration,
         "concurrency": args.concurrency,
         "list_concurrency": args.list_concurrency,
+        "workers": args.workers,
     }
     notes: list[str] = []
     runs = []
@@ -580,7 +646,7 @@ def main() -> int:
                 print(json.dumps(runs[-1]), flush=True)
     if args.fill == "direct":
         notes.append(
-            "- Cache filled directly in the gateway process (the same `reset` a watch"
+            "- Cache filled directly in each gateway process (the same `reset` a watch"
             " SYNC performs), not through the API server."
         )
     notes.append(

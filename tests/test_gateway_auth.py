@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from typing import Any
@@ -38,16 +39,39 @@ class Clock:
         return self.now
 
 
+SIGNING_KEY = auth.FixedKey(value=b"k" * 32)
+
+
+class Sync:
+    """:class:`auth.Sessions` driven from synchronous tests."""
+
+    def __init__(self, sessions: auth.Sessions) -> None:
+        self.sessions = sessions
+
+    def login(self, apikey: str) -> str:
+        return asyncio.run(self.sessions.login(apikey))
+
+    def resolve(self, token: str) -> auth.Identity:
+        return asyncio.run(self.sessions.resolve(token))
+
+
 def make(
-    key: str, *, namespace: str | None = "opkeeper-system", **kw: Any
-) -> tuple[auth.KeyRing, auth.Sessions, Clock]:
+    key: str,
+    *,
+    namespace: str | None = "opkeeper-system",
+    signing_key: auth.SigningKey = SIGNING_KEY,
+    **kw: Any,
+) -> tuple[auth.KeyRing, Sync, Clock]:
     ring = auth.KeyRing(settings=auth.KeyRingSettings(namespace=namespace))
     ring.apply(event="ADDED", obj=secret(key=key, **kw))
     clock = Clock()
     sessions = auth.Sessions(
-        keyring=ring, settings=auth.SessionSettings(ttl_seconds=60, max_per_key=3), clock=clock
+        keyring=ring,
+        settings=auth.SessionSettings(ttl_seconds=60),
+        signing_key=signing_key,
+        clock=clock,
     )
-    return ring, sessions, clock
+    return ring, Sync(sessions), clock
 
 
 def test_the_secret_stores_a_hash_not_the_key() -> None:
@@ -108,16 +132,51 @@ def test_deleting_or_rotating_the_key_kills_its_sessions() -> None:
         sessions.resolve(token)
 
 
-def test_sessions_per_key_are_bounded() -> None:
+def test_a_session_works_on_every_gateway_sharing_the_signing_key() -> None:
+    key = auth.new_key()
+    _, here, _ = make(key)
+    _, there, _ = make(key)
+    token = here.login(key)
+    assert there.resolve(token).tenant == "team-a"
+    _, stranger, _ = make(key, signing_key=auth.FixedKey(value=b"x" * 32))
+    with pytest.raises(errors.Unauthenticated, match="unknown session"):
+        stranger.resolve(token)
+
+
+def test_tampered_or_forged_sessions_are_unknown() -> None:
     key = auth.new_key()
     _, sessions, _ = make(key)
-    tokens = [sessions.login(key) for _ in range(5)]
-    assert len(sessions) == 3
-    for token in tokens[:2]:
-        with pytest.raises(errors.Unauthenticated):
-            sessions.resolve(token)
-    for token in tokens[2:]:
-        sessions.resolve(token)
+    token = sessions.login(key)
+    payload, _, mac = token.partition(".")
+    claims = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    other_tenant = claims.replace(b"team-a", b"team-b")
+    forged = base64.urlsafe_b64encode(other_tenant).rstrip(b"=").decode()
+    flipped = mac[:-2] + ("A" if mac[-2] != "A" else "B") + mac[-1]
+    for bad in (f"{forged}.{mac}", f"{payload}.{flipped}", payload, f"{payload}.", "a.b.c", "é.é"):
+        with pytest.raises(errors.Unauthenticated, match="unknown session"):
+            sessions.resolve(bad)
+    sessions.resolve(token)
+
+
+def test_a_signing_key_that_changed_is_read_again_once() -> None:
+    class Rotated:
+        def __init__(self) -> None:
+            self.current, self.reloads = b"old" * 11, 0
+
+        async def key(self) -> bytes:
+            return self.current
+
+        async def reload(self) -> bytes | None:
+            self.reloads += 1
+            self.current = b"new" * 11
+            return self.current
+
+    key = auth.new_key()
+    _, signer, _ = make(key, signing_key=auth.FixedKey(value=b"new" * 11))
+    rotated = Rotated()
+    _, checker, _ = make(key, signing_key=rotated)
+    checker.resolve(signer.login(key))
+    assert rotated.reloads == 1
 
 
 def test_only_the_key_namespace_counts() -> None:

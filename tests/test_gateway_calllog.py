@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import multiprocessing
 import pathlib
 import threading
 
@@ -39,6 +40,45 @@ def test_serials_are_gapless_per_tenant_under_concurrency(tmp_path: pathlib.Path
             await store.close()
 
     asyncio.run(main())
+
+
+def _append_from_another_process(path: str, start: float, count: int) -> list[int]:
+    async def main() -> list[int]:
+        store = await _open(pathlib.Path(path), batch_max=5)
+        # Both processes start writing at the same moment.
+        await asyncio.sleep(max(0.0, start - datetime.datetime.now().timestamp()))
+        try:
+            return list(
+                await asyncio.gather(
+                    *(
+                        store.append(tenant="t", method="m", args_json=str(i), result_json="")
+                        for i in range(count)
+                    )
+                )
+            )
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def test_two_processes_sharing_the_file_keep_serials_gapless(tmp_path: pathlib.Path) -> None:
+    """``gateway --workers N``: every worker appends to one file."""
+    path = str(tmp_path / "log.sqlite3")
+    start = datetime.datetime.now().timestamp() + 2
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.starmap(_append_from_another_process, [(path, start, 400)] * 2)
+    assert sorted(results[0] + results[1]) == list(range(1, 801))
+    assert all(len(set(r)) == 400 for r in results)
+
+    async def read() -> list[int]:
+        store = await _open(tmp_path / "log.sqlite3")
+        try:
+            return [e.serial for e in await store.since(tenant="t", serial=0, limit=1000)]
+        finally:
+            await store.close()
+
+    assert asyncio.run(read()) == list(range(1, 801))
 
 
 def test_walking_with_pages_while_writing_never_skips(tmp_path: pathlib.Path) -> None:

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import pathlib
 import signal
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import kubernetes
+import prometheus_client.parser
 import pytest
 
 from opkeeper import GROUP, VERSION, kube
@@ -617,7 +619,7 @@ def test_a_caller_never_sees_or_touches_another_namespace(
     before = ops_a.get(f"op-{mine}")
 
     # login: B's session is B's
-    assert gw.gateway.sessions.resolve(b).tenant == other
+    assert asyncio.run(gw.gateway.sessions.resolve(b)).tenant == other
     # operation_list
     assert mine not in proxy.operation_list(b)
     assert proxy.operation_list(b) == []
@@ -665,6 +667,65 @@ def test_a_caller_never_sees_or_touches_another_namespace(
     # A's operation is exactly as it was
     after = ops_a.get(f"op-{mine}")
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+# --- several gateways ------------------------------------------------------------------
+
+
+def test_a_session_from_one_gateway_works_on_another(
+    cluster: Any,
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    gw: RunningGateway,
+    tmp_path: pathlib.Path,
+) -> None:
+    """Two replicas share the session key Secret: login on one, call the other; a
+    tampered token is an unknown session on both, and revoking the key ends it on both."""
+    settings = server.Settings(
+        port=0,
+        call_log_path=str(tmp_path / "log.sqlite3"),
+        keyring=auth.KeyRingSettings(namespace=gw.key_namespace),
+    )
+    with gateway_in_thread(kubeconfig=cluster.kubeconfig, settings=settings) as other:
+        key = make_key(api, gw, namespace)
+        wait_for(lambda: _logs_in(other, key), what="the key to reach the second gateway")
+        session = gw.proxy().login(key)
+        assert other.proxy().operation_list(session) == []
+        assert gw.proxy().operation_list(other.proxy().login(key)) == []
+        payload, _, mac = session.partition(".")
+        tampered = f"{payload[:-1]}{'A' if payload[-1] != 'A' else 'B'}.{mac}"
+        for replica in (gw, other):
+            fault = fault_of(functools.partial(replica.proxy().operation_list, tampered))
+            assert (fault.faultCode, fault.faultString) == (401, "unknown session; log in again")
+        secret = next(
+            s
+            for s in kubernetes.client.CoreV1Api(api).list_namespaced_secret(gw.key_namespace).items
+            if s.data["keyHash"] == base64.b64encode(auth.hash_key(key).encode()).decode()
+        )
+        kubernetes.client.CoreV1Api(api).delete_namespaced_secret(
+            secret.metadata.name, gw.key_namespace
+        )
+        for replica in (gw, other):
+            wait_for(
+                functools.partial(_revoked, replica, session),
+                what="the revocation to reach every gateway",
+            )
+
+
+def _logs_in(gateway: RunningGateway, key: str) -> bool:
+    try:
+        gateway.proxy().login(key)
+    except xmlrpc.client.Fault:
+        return False
+    return True
+
+
+def _revoked(gateway: RunningGateway, session: str) -> bool:
+    try:
+        gateway.proxy().operation_list(session)
+    except xmlrpc.client.Fault as fault:
+        return "revoked" in fault.faultString
+    return False
 
 
 # --- probes and metrics ------------------------------------------------------------------
@@ -814,6 +875,82 @@ def test_the_cli_serves_mints_demo_keys_and_stops_cleanly(
         assert process.wait(30) == 0, (tmp_path / "gateway.log").read_text()
         log.close()
     assert "gateway stopped" in (tmp_path / "gateway.log").read_text()
+
+
+def test_workers_share_the_port_the_sessions_and_the_metrics(
+    cluster: Any, api: kubernetes.client.ApiClient, namespace: str, tmp_path: pathlib.Path
+) -> None:
+    key_namespace = other_namespace(api)
+    port = _free_port()
+    log = (tmp_path / "gateway.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "opkeeper.cli",
+            "gateway",
+            "--kubeconfig",
+            cluster.kubeconfig,
+            "--key-namespace",
+            key_namespace,
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--call-log",
+            str(tmp_path / "calllog.sqlite3"),
+        ],
+        env=cluster.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    logins = 0
+
+    def login(key: str) -> str:
+        # A new proxy is a new connection, which the kernel gives to either worker.
+        nonlocal logins
+        session = str(xmlrpc.client.ServerProxy(f"{url}/xmlrpc").login(key))
+        logins += 1
+        return session
+
+    try:
+        key = auth.new_key()
+        kubernetes.client.CoreV1Api(api).create_namespaced_secret(
+            key_namespace,
+            auth.key_secret(
+                name="key", namespace=key_namespace, key=key, user_id="u", tenant=namespace
+            ),
+        )
+
+        def every_worker_knows_the_key() -> bool:
+            try:
+                for _ in range(10):
+                    login(key)
+            except (OSError, xmlrpc.client.Fault):
+                return False
+            return True
+
+        wait_for(every_worker_knows_the_key, timeout=60, what="both workers to know the key")
+        sessions = [login(key) for _ in range(20)]
+        for session in sessions:
+            assert xmlrpc.client.ServerProxy(f"{url}/xmlrpc").operation_list(session) == []
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        counted = {
+            sample.labels["outcome"]: sample.value
+            for family in prometheus_client.parser.text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "opkeeper_gateway_requests_total"
+            and sample.labels["method"] == "login"
+        }
+        assert counted["ok"] == logins  # the sum over both workers, not the one scraped
+        assert 'opkeeper_gateway_cached_objects{kind="operation"}' in text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, (tmp_path / "gateway.log").read_text()
+        log.close()
+    assert (tmp_path / "gateway.log").read_text().count("gateway stopped") == 2
 
 
 def _free_port() -> int:

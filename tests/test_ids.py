@@ -131,7 +131,7 @@ async def _replaced_key(kubeconfig: str, system: str) -> None:
         allocator = ids.IdAllocator(client, namespace=system)
         old = ids.IdSeal(client, namespace=system, reload_interval=0)
         await old.stamp(await allocator.allocate(), namespace="t", name="before")
-        await client.delete(ids.SECRETS, namespace=system, name=ids.KEY_SECRET)
+        await client.delete(kube.SECRETS, namespace=system, name=ids.KEY_SECRET)
         # A process started after the Secret was deleted creates a new key ...
         new = ids.IdSeal(client, namespace=system)
         stamp = await new.stamp(await allocator.allocate(), namespace="t", name="after")

@@ -23,23 +23,21 @@ operation in every id lookup. :class:`IdSeal` signs the label (an HMAC over
 namespace, name and id, with a key kept in a Secret of the system
 namespace that only opkeeper's own processes read) and the controller keeps
 a label id only when its seal verifies; otherwise it draws a fresh id.
+The key is a :class:`opkeeper.keys.KeyedSecret`, as is the one that signs
+the gateway's session tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import dataclasses
 import hashlib
 import hmac
 import logging
-import secrets
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from opkeeper import errors, kube
+from opkeeper import errors, keys, kube
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +50,6 @@ SEAL = "opkeeper.dev/id-seal"
 """The annotation proving that the id label was set by opkeeper (see :class:`IdSeal`)."""
 KEY_SECRET = "opkeeper-id-key"
 """The Secret (system namespace) holding the seal's HMAC key."""
-SECRETS = kube.Resource(group="", version="v1", plural="secrets")
 
 
 class IdAllocator:
@@ -117,7 +114,7 @@ class IdAllocator:
 
     async def _create_counter(self) -> bool:
         """Create the counter holding our first block; False if someone else created it."""
-        await _ensure_namespace(self._client, self._namespace)
+        await kube.ensure_namespace(self._client, self._namespace)
         try:
             await self._client.create(
                 kube.CONFIGMAPS,
@@ -149,26 +146,20 @@ class Stamp:
 class IdSeal:
     """Signs id labels set at creation and checks them on objects read back.
 
-    The key is read from (or, by the first process that needs it, created
-    in) the Secret :data:`KEY_SECRET`. When a seal fails to verify the key is
-    read again, at most once per ``reload_interval`` seconds, so that the
-    processes agree again after the Secret was replaced.
+    The key is the :class:`opkeeper.keys.KeyedSecret` :data:`KEY_SECRET`.
     """
 
     def __init__(
         self, client: kube.Client, *, namespace: str, reload_interval: float = 30.0
     ) -> None:
-        self._client = client
-        self._namespace = namespace
-        self._reload_interval = reload_interval
-        self._key: bytes | None = None
-        self._loaded_at = 0.0
-        self._lock = asyncio.Lock()
+        self._secret = keys.KeyedSecret(
+            client, namespace=namespace, name=KEY_SECRET, reload_interval=reload_interval
+        )
 
     async def stamp(self, value: int, *, namespace: str, name: str) -> Stamp:
         """The id ``value`` (freshly allocated) sealed for the object ``namespace/name``
         about to be created."""
-        key = await self._current_key()
+        key = await self._secret.key()
         return Stamp(
             id=value,
             labels={LABEL: str(value)},
@@ -177,19 +168,16 @@ class IdSeal:
 
     async def load(self) -> None:
         """Read (or create) the key now, e.g. before :meth:`verify` is first needed."""
-        await self._current_key()
+        await self._secret.key()
 
     async def trusted_id(self, body: Mapping[str, Any]) -> int | None:
         """The object's label id if opkeeper set it (its seal verifies), else None."""
         if label_id(body) is None:
             return None
-        await self._current_key()
+        await self._secret.key()
         value = self.verify(body)
-        if value is not None:
+        if value is not None or await self._secret.reload() is None:
             return value
-        if time.monotonic() - self._loaded_at < self._reload_interval:
-            return None
-        await self._current_key(reload=True)
         return self.verify(body)
 
     def verify(self, body: Mapping[str, Any]) -> int | None:
@@ -197,53 +185,13 @@ class IdSeal:
         meta = body.get("metadata") or {}
         value = label_id(body)
         seal = (meta.get("annotations") or {}).get(SEAL)
-        if value is None or not isinstance(seal, str) or self._key is None:
+        key = self._secret.loaded
+        if value is None or not isinstance(seal, str) or key is None:
             return None
         expected = _mac(
-            self._key, namespace=meta.get("namespace", ""), name=meta.get("name", ""), value=value
+            key, namespace=meta.get("namespace", ""), name=meta.get("name", ""), value=value
         )
         return value if hmac.compare_digest(seal, expected) else None
-
-    async def _current_key(self, *, reload: bool = False) -> bytes:
-        async with self._lock:
-            if self._key is None or reload:
-                self._key = await self._load()
-                self._loaded_at = time.monotonic()
-            return self._key
-
-    async def _load(self) -> bytes:
-        for _ in range(3):
-            with contextlib.suppress(errors.NotFound):
-                secret = await self._client.get(SECRETS, namespace=self._namespace, name=KEY_SECRET)
-                return base64.b64decode(secret["data"]["key"])
-            key = secrets.token_bytes(32)
-            await _ensure_namespace(self._client, self._namespace)
-            try:
-                await self._client.create(
-                    SECRETS,
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Secret",
-                        "metadata": {
-                            "name": KEY_SECRET,
-                            "labels": {"app.kubernetes.io/part-of": "opkeeper"},
-                        },
-                        "data": {"key": base64.b64encode(key).decode()},
-                    },
-                    namespace=self._namespace,
-                )
-            except kube.AlreadyExists:
-                continue  # another process created it first: read theirs
-            return key
-        raise errors.Unavailable(f"could not read or create the Secret {KEY_SECRET}")
-
-
-async def _ensure_namespace(client: kube.Client, namespace: str) -> None:
-    with contextlib.suppress(kube.AlreadyExists):
-        await client.create(
-            kube.NAMESPACES,
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
-        )
 
 
 def label_id(body: Mapping[str, Any]) -> int | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -86,6 +87,7 @@ CONFIGMAPS = Resource(group="", version="v1", plural="configmaps")
 NAMESPACES = Resource(group="", version="v1", plural="namespaces", namespaced=False)
 EVENTS = Resource(group="", version="v1", plural="events")
 JOBS = Resource(group="batch", version="v1", plural="jobs")
+SECRETS = Resource(group="", version="v1", plural="secrets")
 
 assert OPERATIONS.api_version == API_VERSION
 
@@ -523,3 +525,11 @@ def _error(status: int, payload: bytes, what: str) -> errors.OpkeeperError:
     if status in (400, 422):
         return errors.InvalidArgument(message)
     return errors.Unavailable(f"HTTP {status} {message}")
+
+
+async def ensure_namespace(client: Client, name: str) -> None:
+    """Create the namespace ``name`` unless it exists (for opkeeper's own objects)."""
+    with contextlib.suppress(AlreadyExists):
+        await client.create(
+            NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        )

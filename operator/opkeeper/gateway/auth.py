@@ -13,24 +13,29 @@ to read keys from every namespace, a Secret may only grant the namespace it
 lives in; otherwise anyone allowed to create a Secret could mint a key for a
 neighbour's namespace.
 
-Sessions are random, opaque and expiring; they are kept in memory under the
-hash of the token, die when their key is deleted or rotated, and are the only
-thing a gateway restart loses.
+Sessions are signed tokens, not server state: a token carries the key's
+hash, the tenant, the user, an expiry and a random nonce, MACed with a key
+that every gateway process and replica shares (:data:`SESSION_KEY_SECRET`,
+an :class:`opkeeper.keys.KeyedSecret`). So a client may log in on one replica
+and call another, and a restart loses nothing. A token is believed only
+while its API key still grants the same thing, so deleting or rotating the
+key Secret ends its sessions on every replica at once.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import dataclasses
 import hashlib
+import hmac
+import json
 import logging
 import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NewType
+from typing import Any, NewType, Protocol
 
 from opkeeper import errors
 
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 
 LABEL = "opkeeper.dev/api-key"
 """The label that marks a Secret as an API key (any value)."""
+SESSION_KEY_SECRET = "opkeeper-session-key"
+"""The Secret (system namespace) holding the key that signs session tokens."""
 
 KeyHash = NewType("KeyHash", str)
 Tenant = NewType("Tenant", str)
@@ -177,71 +184,107 @@ class SessionSettings:
 
     ttl_seconds: float = 3600.0
     """How long a session lives after login, in seconds (default one hour, a working
-    session of a script; a client logs in again when it gets an unauthenticated fault)."""
-    max_per_key: int = 64
-    """Most live sessions per API key (default 64); the oldest goes first, so a client
-    that logs in per call cannot grow the table without bound."""
+    session of a script; a client logs in again when it gets an unauthenticated fault).
+    Tokens are not stored, so there is no per-key cap on live sessions: the TTL is
+    what bounds a token, and revoking its key is what ends it early."""
+
+
+class SigningKey(Protocol):
+    """Where the session MAC key comes from (:class:`opkeeper.keys.KeyedSecret`)."""
+
+    async def key(self) -> bytes:
+        """The key, loaded on first use."""
+
+    async def reload(self) -> bytes | None:
+        """The key read again after a failed check, or None if it is too soon to."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _Session:
-    identity: Identity
-    expires: float
+class FixedKey:
+    """A key given up front, for processes without an API server (tests, benchmarks)."""
+
+    value: bytes
+
+    async def key(self) -> bytes:
+        return self.value
+
+    async def reload(self) -> bytes | None:
+        return None
+
+
+_UNKNOWN = "unknown session; log in again"
 
 
 class Sessions:
-    """Login sessions, in memory, keyed by the hash of the token."""
+    """Login sessions as signed, expiring tokens (``<payload>.<mac>``, both base64url).
+
+    The payload is JSON ``[key hash, tenant, user, expiry, nonce]``; the MAC is
+    HMAC-SHA256 over the payload's base64 text. The expiry is wall-clock time
+    because another process checks it.
+    """
 
     def __init__(
         self,
         *,
         keyring: KeyRing,
         settings: SessionSettings,
-        clock: Callable[[], float] = time.monotonic,
+        signing_key: SigningKey,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._keyring = keyring
         self._settings = settings
+        self._signing_key = signing_key
         self._clock = clock
-        self._sessions: dict[str, _Session] = {}
-        self._per_key: dict[KeyHash, collections.deque[str]] = {}
 
-    @staticmethod
-    def _token_id(token: str) -> str:
-        # Keyed by a hash so that dict lookups leak nothing useful about live tokens.
-        return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-    def login(self, apikey: str) -> str:
+    async def login(self, apikey: str) -> str:
         """A new session for a valid key, or :class:`errors.Unauthenticated`."""
         identity = self._keyring.lookup(apikey)
-        now = self._clock()
-        token = secrets.token_urlsafe(32)
-        token_id = self._token_id(token)
-        self._sessions[token_id] = _Session(
-            identity=identity, expires=now + self._settings.ttl_seconds
-        )
-        queue = self._per_key.setdefault(identity.key_hash, collections.deque())
-        queue.append(token_id)
-        while queue and (len(queue) > self._settings.max_per_key or self._expired(queue[0], now)):
-            self._sessions.pop(queue.popleft(), None)
-        return token
+        claims = [
+            identity.key_hash,
+            identity.tenant,
+            identity.user_id,
+            self._clock() + self._settings.ttl_seconds,
+            secrets.token_urlsafe(12),
+        ]
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        return f"{payload}.{_b64(_sign(await self._signing_key.key(), payload))}"
 
-    def _expired(self, token_id: str, now: float) -> bool:
-        session = self._sessions.get(token_id)
-        return session is None or session.expires <= now
-
-    def resolve(self, token: str) -> Identity:
+    async def resolve(self, token: str) -> Identity:
         """The caller behind a session, or :class:`errors.Unauthenticated`."""
-        token_id = self._token_id(token)
-        session = self._sessions.get(token_id)
-        if session is None:
-            raise errors.Unauthenticated("unknown session; log in again")
-        if session.expires <= self._clock():
-            self._sessions.pop(token_id, None)
+        payload, _, mac = token.partition(".")
+        if not await self._signed(payload, mac):
+            raise errors.Unauthenticated(_UNKNOWN)
+        try:
+            key_hash, tenant, user_id, expires, _ = json.loads(_unb64(payload))
+        except ValueError:
+            # Signed by us yet unreadable: only a token format this version does not know.
+            raise errors.Unauthenticated(_UNKNOWN) from None
+        if expires <= self._clock():
             raise errors.Unauthenticated("session expired; log in again")
-        if not self._keyring.valid(session.identity):
-            self._sessions.pop(token_id, None)
+        identity = Identity(user_id=user_id, tenant=Tenant(tenant), key_hash=KeyHash(key_hash))
+        if not self._keyring.valid(identity):
             raise errors.Unauthenticated("the API key of this session was revoked")
-        return session.identity
+        return identity
 
-    def __len__(self) -> int:
-        return len(self._sessions)
+    async def _signed(self, payload: str, mac: str) -> bool:
+        try:
+            given = _unb64(mac)
+        except ValueError:  # binascii.Error, or characters outside ASCII
+            return False
+        if hmac.compare_digest(given, _sign(await self._signing_key.key(), payload)):
+            return True
+        # Another replica may have signed with a key created after this one read its own.
+        fresh = await self._signing_key.reload()
+        return fresh is not None and hmac.compare_digest(given, _sign(fresh, payload))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _sign(key: bytes, payload: str) -> bytes:
+    return hmac.new(key, payload.encode("ascii", "replace"), hashlib.sha256).digest()

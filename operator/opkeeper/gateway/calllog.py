@@ -8,8 +8,11 @@ uses; :class:`SqliteCallLog` is the embedded default (one file on a volume).
 A PostgreSQL store for several gateway replicas is a second class with the
 same four methods and the same two tables (docs/gateway.md has its SQL): the
 per-tenant counter row is locked by the upsert until commit, which gives the
-same ordering guarantee across processes that the single writer thread gives
-here.
+same ordering guarantee across processes that the write lock gives here.
+Several processes on one machine (``opkeeper gateway --workers N``) may share
+the SQLite file: each takes SQLite's write lock (``BEGIN IMMEDIATE``, waiting
+up to ``busy_timeout_ms`` for another's) before it reads the tenant counter,
+so serials stay gapless and commit in order across processes too.
 
 SQLite calls block, so they run in threads and the event loop never waits on
 disk: one writer thread owns the write connection and commits appends in
@@ -136,8 +139,9 @@ class SqliteSettings:
     """Most appends committed in one transaction (default 512): bounds how long one
     commit holds the writer while still amortising its cost under load."""
     busy_timeout_ms: int = 5000
-    """How long a connection waits on a lock held by another one, in ms (default 5000);
-    only matters if an operator opens the file by hand while the gateway runs."""
+    """How long a connection waits on a lock held by another one, in ms (default 5000):
+    the workers of ``--workers`` share the file, and a group commit waits for another
+    worker's instead of failing (a commit holds the lock for milliseconds)."""
 
 
 class SqliteCallLog(CallLog):

@@ -35,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=defaults.port, help=f"listen port (default {defaults.port})"
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="gateway processes sharing the port (SO_REUSEPORT), each with its own"
+        f" watches and cache (default {defaults.workers})",
+    )
+    parser.add_argument(
         "--call-log",
         default=defaults.call_log_path,
         help="SQLite file of the gocept call log (put it on a volume)",
@@ -89,6 +96,7 @@ def settings_from(args: argparse.Namespace) -> server.Settings:
     return server.Settings(
         host=args.host,
         port=args.port,
+        workers=args.workers,
         call_log_path=args.call_log,
         system_namespace=args.system_namespace,
         keyring=auth.KeyRingSettings(namespace=key_namespace),
@@ -151,5 +159,9 @@ def run(args: argparse.Namespace) -> int:
     if args.demo_key:
         return asyncio.run(_demo(args, settings))
     log.info("call log: %s (kept %s)", settings.call_log_path, calllog.RETENTION)
+    if settings.workers > 1:
+        return server.serve_workers(
+            settings=settings, kubeconfig=args.kubeconfig, log_level=args.log_level
+        )
     asyncio.run(server.serve(settings=settings, kubeconfig=args.kubeconfig))
     return 0

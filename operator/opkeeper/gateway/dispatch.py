@@ -153,10 +153,10 @@ class Dispatcher:
 
     # --- authentication ----------------------------------------------------------
 
-    def session_identity(self, call: _Call, token: Any) -> auth.Identity:
+    async def session_identity(self, call: _Call, token: Any) -> auth.Identity:
         if not isinstance(token, str):
             raise xmlrpc.BadParams("the first argument is the session string from login()")
-        call.identity = self.sessions.resolve(token)
+        call.identity = await self.sessions.resolve(token)
         return call.identity
 
     def basic_identity(self, call: _Call) -> auth.Identity:
@@ -319,8 +319,8 @@ def _gandi_details(entry: cache.OperationEntry, *, eta_seconds: int) -> dict[str
 async def _login(d: Dispatcher, call: _Call) -> str:
     _arity(call, low=1, high=1, signature="login(apikey)")
     key = _str(call.params[0], "apikey")
-    token = d.sessions.login(key)
-    call.identity = d.sessions.resolve(token)
+    token = await d.sessions.login(key)
+    call.identity = d.keyring.lookup(key)
     call.logged_args = [REDACTED_KEY]
     call.logged_result = REDACTED_SESSION
     return token
@@ -331,7 +331,7 @@ _LIST_FILTER_KEYS = frozenset({"updated_after", "updated_before", "state", "type
 
 async def _operation_list(d: Dispatcher, call: _Call) -> list[int]:
     _arity(call, low=1, high=2, signature="operation_list(session[, filter])")
-    who = d.session_identity(call, call.params[0])
+    who = await d.session_identity(call, call.params[0])
     raw = _struct(call.params[1], "filter") if len(call.params) == 2 else {}
     unknown = sorted(set(raw) - _LIST_FILTER_KEYS)
     if unknown:
@@ -357,7 +357,7 @@ async def _operation_list(d: Dispatcher, call: _Call) -> list[int]:
 
 async def _operation_details(d: Dispatcher, call: _Call) -> _Encoded:
     _arity(call, low=2, high=2, signature="operation_details(session, opid)")
-    who = d.session_identity(call, call.params[0])
+    who = await d.session_identity(call, call.params[0])
     call.logged_args = [REDACTED_SESSION, call.params[1]]
     entry = d.svc.operation(who=who, id_=_opid(call.params[1]))
     answer = _details_answer(entry, now=call.request.now)
@@ -367,7 +367,7 @@ async def _operation_details(d: Dispatcher, call: _Call) -> _Encoded:
 
 async def _operation_relaunch(d: Dispatcher, call: _Call) -> bool:
     _arity(call, low=3, high=3, signature="operation_relaunch(session, opid, params)")
-    who = d.session_identity(call, call.params[0])
+    who = await d.session_identity(call, call.params[0])
     call.logged_args = [REDACTED_SESSION, *call.params[1:]]
     params = _struct(call.params[2], "params")
     await d.svc.relaunch(who=who, id_=_opid(call.params[1]), params=params)
@@ -377,7 +377,7 @@ async def _operation_relaunch(d: Dispatcher, call: _Call) -> bool:
 
 async def _operation_cancel(d: Dispatcher, call: _Call) -> bool:
     _arity(call, low=2, high=2, signature="operation_cancel(session, opid)")
-    who = d.session_identity(call, call.params[0])
+    who = await d.session_identity(call, call.params[0])
     call.logged_args = [REDACTED_SESSION, call.params[1]]
     await d.svc.cancel(who=who, id_=_opid(call.params[1]))
     call.logged_result = True
@@ -386,7 +386,7 @@ async def _operation_cancel(d: Dispatcher, call: _Call) -> bool:
 
 async def _operation_create(d: Dispatcher, call: _Call) -> int:
     _arity(call, low=3, high=4, signature="operation_create(session, type, params[, object])")
-    who = d.session_identity(call, call.params[0])
+    who = await d.session_identity(call, call.params[0])
     call.logged_args = [REDACTED_SESSION, *call.params[1:]]
     type_ = _str(call.params[1], "type")
     params = _struct(call.params[2], "params")

@@ -26,7 +26,7 @@ from opkeeper import errors, kube
 
 log = logging.getLogger(__name__)
 
-SECRETS = kube.Resource(group="", version="v1", plural="secrets")
+SECRETS = kube.SECRETS
 
 P = ParamSpec("P")
 R = TypeVar("R")

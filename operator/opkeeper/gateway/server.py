@@ -11,6 +11,13 @@ expect HTTP 200 with a fault for every error, so that is what every
 Operations, ScheduledTasks and API-key Secrets plus the call log's daily
 purge. /readyz turns 200 once every feed has delivered its first complete
 list.
+
+:func:`serve` with ``workers`` above one runs that many gateway processes on
+one port (``SO_REUSEPORT``: the kernel spreads connections over them) under
+a parent that only starts, watches and stops them; a process is what it
+takes to use more than one core, since the gateway is CPU-bound in Python.
+Each worker runs its own feeds and cache. What they share goes through the
+API server (ids, the session key) or the call log file.
 """
 
 from __future__ import annotations
@@ -21,15 +28,24 @@ import dataclasses
 import datetime
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
 import signal
+import socket
+import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import prometheus_client
+import prometheus_client.core
+import prometheus_client.multiprocess
+import prometheus_client.registry
 from aiohttp import web
 
-from opkeeper import ids, kube
+from opkeeper import ids, keys, kube
 from opkeeper.gateway import auth, cache, calllog, dispatch, faults, kubeio, service, xmlrpc
 
 log = logging.getLogger(__name__)
@@ -60,12 +76,28 @@ class Settings:
     """How often entries older than the 30-day retention are deleted (default hourly)."""
     id_block_size: int = 100
     """Ids reserved per counter write (default 100); see :mod:`opkeeper.ids`."""
+    workers: int = 1
+    """Gateway processes sharing the port (default 1); above one, each binds it with
+    ``SO_REUSEPORT`` and keeps its own watches and cache (N watches, N times the
+    cache memory)."""
+
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+"""The environment variable that switches prometheus_client to multiprocess mode."""
 
 
 class Metrics:
-    """The gateway's Prometheus metrics, in a registry of its own (one per server)."""
+    """The gateway's Prometheus metrics, in registries of their own (one set per server).
 
-    def __init__(self) -> None:
+    Counters and histograms are summed over every worker: under ``--workers``
+    the parent sets :data:`MULTIPROC_DIR` before the workers import
+    prometheus_client, each worker's values go to files there, and a scrape of
+    any worker merges them. The cache sizes are read from the answering worker
+    at scrape time instead: every worker caches the same objects, so one
+    worker's count is the answer and a sum would be N times it.
+    """
+
+    def __init__(self, *, cached: Callable[[], Mapping[str, int]]) -> None:
         self.registry = prometheus_client.CollectorRegistry()
         self.requests = prometheus_client.Counter(
             "opkeeper_gateway_requests",
@@ -80,20 +112,25 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
-        self.cached = prometheus_client.Gauge(
-            "opkeeper_gateway_cached_objects",
-            "Objects in the watch-fed caches.",
-            ["kind"],
-            registry=self.registry,
-        )
-        self.sessions = prometheus_client.Gauge(
-            "opkeeper_gateway_sessions", "Live login sessions.", registry=self.registry
-        )
+        summed = self.registry
+        shared = os.environ.get(MULTIPROC_DIR)
+        if shared:
+            summed = prometheus_client.CollectorRegistry()
+            prometheus_client.multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+                summed, path=shared
+            )
+        local = prometheus_client.CollectorRegistry()
+        local.register(_CacheSizes(cached))
+        self._exposed = (summed, local)
         # The labelled children, looked up once: ``labels()`` validates and hashes its
         # arguments under a lock on every call. The label sets are bounded (methods are a
         # fixed table, outcomes the fault names), so these stay small.
         self._counted: dict[tuple[str, str, str], prometheus_client.Counter] = {}
         self._timed: dict[tuple[str, str], prometheus_client.Histogram] = {}
+
+    def exposition(self) -> bytes:
+        """The text a scrape of /metrics gets."""
+        return b"".join(prometheus_client.generate_latest(r) for r in self._exposed)
 
     def record(self, *, dialect: str, method: str, outcome: str, seconds: float) -> None:
         """Count one XML-RPC call and observe its latency."""
@@ -109,6 +146,21 @@ class Metrics:
         histogram.observe(seconds)
 
 
+class _CacheSizes(prometheus_client.registry.Collector):
+    """``opkeeper_gateway_cached_objects``, counted when scraped."""
+
+    def __init__(self, cached: Callable[[], Mapping[str, int]]) -> None:
+        self._cached = cached
+
+    def collect(self) -> Iterable[prometheus_client.Metric]:
+        family = prometheus_client.core.GaugeMetricFamily(
+            "opkeeper_gateway_cached_objects", "Objects in the watch-fed caches.", labels=["kind"]
+        )
+        for kind, count in self._cached().items():
+            family.add_metric([kind], count)
+        yield family
+
+
 class Gateway:
     """The running gateway: caches, feeds, service, dispatcher, HTTP app."""
 
@@ -120,13 +172,21 @@ class Gateway:
         call_log: calllog.CallLog,
         id_allocator: service.Ids | None = None,
         id_seal: service.Seal | None = None,
+        session_key: auth.SigningKey | None = None,
     ) -> None:
         self.settings = settings
         self.kube = kube_client
         self.operations = cache.OperationCache()
         self.tasks = cache.TaskCache()
         self.keyring = auth.KeyRing(settings=settings.keyring)
-        self.sessions = auth.Sessions(keyring=self.keyring, settings=settings.sessions)
+        self.sessions = auth.Sessions(
+            keyring=self.keyring,
+            settings=settings.sessions,
+            signing_key=session_key
+            or keys.KeyedSecret(
+                kube_client, namespace=settings.system_namespace, name=auth.SESSION_KEY_SECRET
+            ),
+        )
         self.call_log = call_log
         self.service = service.Service(
             operations=self.operations,
@@ -146,7 +206,9 @@ class Gateway:
         self.dispatcher = dispatch.Dispatcher(
             svc=self.service, sessions=self.sessions, keyring=self.keyring, limits=settings.limits
         )
-        self.metrics = Metrics()
+        self.metrics = Metrics(
+            cached=lambda: {"operation": len(self.operations), "scheduledtask": len(self.tasks)}
+        )
         self.synced = {name: asyncio.Event() for name in ("operations", "scheduledtasks", "keys")}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -268,11 +330,8 @@ class Gateway:
         return web.Response(text="ok\n")
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        self.metrics.cached.labels("operation").set(len(self.operations))
-        self.metrics.cached.labels("scheduledtask").set(len(self.tasks))
-        self.metrics.sessions.set(len(self.sessions))
         return web.Response(
-            body=prometheus_client.generate_latest(self.metrics.registry),
+            body=self.metrics.exposition(),
             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
         )
 
@@ -298,6 +357,7 @@ async def running(
     kube_client: kube.Client,
     call_log: calllog.CallLog | None = None,
     id_allocator: service.Ids | None = None,
+    session_key: auth.SigningKey | None = None,
     feeds: bool = True,
 ) -> AsyncIterator[tuple[Gateway, int]]:
     """Run a gateway until the block ends; yields it and the port it listens on.
@@ -313,13 +373,19 @@ async def running(
         await sqlite_store.open()
         store = sqlite_store
     gateway = Gateway(
-        settings=settings, kube_client=kube_client, call_log=store, id_allocator=id_allocator
+        settings=settings,
+        kube_client=kube_client,
+        call_log=store,
+        id_allocator=id_allocator,
+        session_key=session_key,
     )
     if feeds:
         gateway.start_feeds()
     runner = web.AppRunner(gateway.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host=settings.host, port=settings.port)
+    site = web.TCPSite(
+        runner, host=settings.host, port=settings.port, reuse_port=settings.workers > 1
+    )
     await site.start()
     port = _bound_port(runner)
     log.info("gateway listening on %s:%d", settings.host, port)
@@ -340,7 +406,7 @@ def _bound_port(runner: web.AppRunner) -> int:
 
 
 async def serve(*, settings: Settings, kubeconfig: str | None) -> None:
-    """``opkeeper gateway``: run until SIGTERM or SIGINT, then drain and close cleanly
+    """One gateway process: run until SIGTERM or SIGINT, then drain and close cleanly
     (pending call log entries are committed before the process exits)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -352,6 +418,78 @@ async def serve(*, settings: Settings, kubeconfig: str | None) -> None:
     ):
         await stop.wait()
     log.info("gateway stopped")
+
+
+def reserve_port(*, host: str, port: int) -> socket.socket:
+    """A socket bound (not listening) to ``host:port`` with ``SO_REUSEPORT``, so that
+    workers can bind the same port; with ``port`` 0 it picks a free one. Keep it open
+    while the workers run: it keeps that port from going to anyone else, and as it
+    never listens the kernel hands it no connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def serve_workers(*, settings: Settings, kubeconfig: str | None, log_level: str) -> int:
+    """``opkeeper gateway --workers N``: start N gateway processes on one port, and stop
+    them all on SIGTERM or SIGINT, or as soon as one of them exits.
+
+    A worker that dies is not restarted here: the parent exits non-zero and the
+    Pod's restart policy starts everything afresh, which is simpler to reason
+    about than a half-restarted set. Returns the exit status.
+    """
+    shared = tempfile.mkdtemp(prefix="opkeeper-gateway-metrics-")
+    # Spawned workers import prometheus_client after this, so they start in multiprocess mode.
+    os.environ[MULTIPROC_DIR] = shared
+    reserved = reserve_port(host=settings.host, port=settings.port)
+    settings = dataclasses.replace(settings, port=reserved.getsockname()[1])
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_worker, args=(settings, kubeconfig, log_level), name=f"gateway-{n}")
+        for n in range(settings.workers)
+    ]
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for worker in workers:
+            worker.start()
+        log.info("%d gateway workers on %s:%d", len(workers), settings.host, settings.port)
+        while not stopping and all(w.is_alive() for w in workers):
+            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
+        if not stopping:
+            gone = ", ".join(str(w.name) for w in workers if not w.is_alive())
+            log.error("gateway worker(s) %s exited; stopping the others", gone)
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()  # SIGTERM: the worker drains and commits its call log
+        for worker in workers:
+            worker.join(60)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        return 0 if stopping and all(w.exitcode == 0 for w in workers) else 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        reserved.close()
+        shutil.rmtree(shared, ignore_errors=True)
+        del os.environ[MULTIPROC_DIR]
+
+
+def _worker(settings: Settings, kubeconfig: str | None, log_level: str) -> None:
+    logging.basicConfig(
+        level=log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s: %(message)s",
+    )
+    asyncio.run(serve(settings=settings, kubeconfig=kubeconfig))
 
 
 def executors_from(pairs: list[str]) -> Mapping[str, Mapping[str, Any]]:
