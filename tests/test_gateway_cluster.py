@@ -811,27 +811,8 @@ def test_the_cli_serves_mints_demo_keys_and_stops_cleanly(
     cluster: Any, api: kubernetes.client.ApiClient, namespace: str, tmp_path: pathlib.Path
 ) -> None:
     key_namespace = other_namespace(api)
-    port = _free_port()
     common = ["--kubeconfig", cluster.kubeconfig, "--key-namespace", key_namespace]
-    log = (tmp_path / "gateway.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "opkeeper.cli",
-            "gateway",
-            *common,
-            "--port",
-            str(port),
-            "--call-log",
-            str(tmp_path / "calllog.sqlite3"),
-        ],
-        env=cluster.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
+    with _gateway_process(cluster, tmp_path, key_namespace) as url:
 
         def ready() -> bool:
             try:
@@ -870,10 +851,6 @@ def test_the_cli_serves_mints_demo_keys_and_stops_cleanly(
             return True
 
         wait_for(runs, what="the printed snippet to run against the gateway")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0, (tmp_path / "gateway.log").read_text()
-        log.close()
     assert "gateway stopped" in (tmp_path / "gateway.log").read_text()
 
 
@@ -881,40 +858,16 @@ def test_workers_share_the_port_the_sessions_and_the_metrics(
     cluster: Any, api: kubernetes.client.ApiClient, namespace: str, tmp_path: pathlib.Path
 ) -> None:
     key_namespace = other_namespace(api)
-    port = _free_port()
-    log = (tmp_path / "gateway.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "opkeeper.cli",
-            "gateway",
-            "--kubeconfig",
-            cluster.kubeconfig,
-            "--key-namespace",
-            key_namespace,
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--call-log",
-            str(tmp_path / "calllog.sqlite3"),
-        ],
-        env=cluster.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
     logins = 0
+    with _gateway_process(cluster, tmp_path, key_namespace, "--workers", "2") as url:
 
-    def login(key: str) -> str:
-        # A new proxy is a new connection, which the kernel gives to either worker.
-        nonlocal logins
-        session = str(xmlrpc.client.ServerProxy(f"{url}/xmlrpc").login(key))
-        logins += 1
-        return session
+        def login(key: str) -> str:
+            # A new proxy is a new connection, which the kernel gives to either worker.
+            nonlocal logins
+            session = str(xmlrpc.client.ServerProxy(f"{url}/xmlrpc").login(key))
+            logins += 1
+            return session
 
-    try:
         key = auth.new_key()
         kubernetes.client.CoreV1Api(api).create_namespaced_secret(
             key_namespace,
@@ -946,11 +899,42 @@ def test_workers_share_the_port_the_sessions_and_the_metrics(
         }
         assert counted["ok"] == logins  # the sum over both workers, not the one scraped
         assert 'opkeeper_gateway_cached_objects{kind="operation"}' in text
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0, (tmp_path / "gateway.log").read_text()
-        log.close()
     assert (tmp_path / "gateway.log").read_text().count("gateway stopped") == 2
+
+
+@contextlib.contextmanager
+def _gateway_process(
+    cluster: Any, tmp_path: pathlib.Path, key_namespace: str, *extra: str
+) -> Iterator[str]:
+    """``opkeeper gateway`` as a process on a free port (its URL); SIGTERM at the end
+    must stop it cleanly (exit 0). Its output goes to ``tmp_path/gateway.log``."""
+    port = _free_port()
+    with (tmp_path / "gateway.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "opkeeper.cli",
+                "gateway",
+                "--kubeconfig",
+                cluster.kubeconfig,
+                "--key-namespace",
+                key_namespace,
+                "--port",
+                str(port),
+                "--call-log",
+                str(tmp_path / "calllog.sqlite3"),
+                *extra,
+            ],
+            env=cluster.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0, (tmp_path / "gateway.log").read_text()
 
 
 def _free_port() -> int:

@@ -136,6 +136,22 @@ def run_name(task: str, due: datetime.datetime) -> str:
     return schedule.operation_name(task=task, run=due)
 
 
+def arm_once_and_sentinel(
+    tasks: test_scheduledtasks.Tasks,
+) -> tuple[datetime.datetime, str, dict[str, Any]]:
+    """Create the one-shot task "once" due in 3 s and a "sentinel" due 2 s after it;
+    return once's due time, its run's Operation name and its body as created, once armed.
+
+    Call with the controller running: its start-up must not eat the lead. Once the
+    sentinel fired, the controller has run 2 s past once's record, so a trailing write
+    to "once" would be in the history the tests read."""
+    due = test_scheduledtasks.soon(3)
+    created = create_task(tasks, "once", execAt=test_scheduledtasks.iso(due))
+    tasks.create("sentinel", execAt=test_scheduledtasks.iso(due + datetime.timedelta(seconds=2)))
+    tasks.wait_status("once", "armed", lambda s: s.get("nextRunAt") and s.get("id"))
+    return due, run_name("once", due), created
+
+
 def verified_id(cluster: Cluster, operation: dict[str, Any]) -> int | None:
     """The Operation's id label if its seal verifies with the cluster's real key."""
 
@@ -194,16 +210,7 @@ def test_a_run_is_created_first_and_recorded_with_its_finish_in_one_write(
 ) -> None:
     tasks = test_scheduledtasks.Tasks(api, namespace)
     with helpers.controller_in_thread(kubeconfig=cluster.kubeconfig, namespace=namespace):
-        # Due counted from a running controller: its start-up must not eat the lead.
-        due = test_scheduledtasks.soon(3)
-        name = run_name("once", due)
-        created = create_task(tasks, "once", execAt=test_scheduledtasks.iso(due))
-        # Once it fired, the controller has run 2 s past the record: a trailing
-        # write to "once" would be in the history read below.
-        tasks.create(
-            "sentinel", execAt=test_scheduledtasks.iso(due + datetime.timedelta(seconds=2))
-        )
-        tasks.wait_status("once", "armed", lambda s: s.get("nextRunAt") and s.get("id"))
+        due, name, created = arm_once_and_sentinel(tasks)
         # The Operations history is replayed from a version of the Operations list:
         # a version from another resource's history may be older than its watch
         # cache reaches (410).
@@ -339,13 +346,7 @@ def test_a_conflicting_record_is_kept_and_written_after_a_re_read(
     monkeypatch.setattr(kube, "Client", client)
     tasks = test_scheduledtasks.Tasks(api, namespace)
     with helpers.controller_in_thread(kubeconfig=cluster.kubeconfig, namespace=namespace):
-        due = test_scheduledtasks.soon(3)
-        name = run_name("once", due)
-        created = create_task(tasks, "once", execAt=test_scheduledtasks.iso(due))
-        tasks.create(
-            "sentinel", execAt=test_scheduledtasks.iso(due + datetime.timedelta(seconds=2))
-        )
-        tasks.wait_status("once", "armed", lambda s: s.get("nextRunAt") and s.get("id"))
+        due, name, created = arm_once_and_sentinel(tasks)
         done = tasks.wait_status("once", "Completed", lambda s: s.get("state") == "Completed")
         assert done["lastOperation"] == name
         tasks.wait_operations("sentinel", 1)
