@@ -42,11 +42,11 @@ def test_serials_are_gapless_per_tenant_under_concurrency(tmp_path: pathlib.Path
     asyncio.run(main())
 
 
-def _append_from_another_process(path: str, start: float, count: int) -> list[int]:
+def _append_from_another_process(path: str, start: threading.Barrier, count: int) -> list[int]:
     async def main() -> list[int]:
         store = await _open(pathlib.Path(path), batch_max=5)
-        # Both processes start writing at the same moment.
-        await asyncio.sleep(max(0.0, start - datetime.datetime.now().timestamp()))
+        # Both processes start writing together, each with its store already open.
+        await asyncio.get_running_loop().run_in_executor(None, start.wait, 60)
         try:
             return list(
                 await asyncio.gather(
@@ -65,8 +65,9 @@ def _append_from_another_process(path: str, start: float, count: int) -> list[in
 def test_two_processes_sharing_the_file_keep_serials_gapless(tmp_path: pathlib.Path) -> None:
     """``gateway --workers N``: every worker appends to one file."""
     path = str(tmp_path / "log.sqlite3")
-    start = datetime.datetime.now().timestamp() + 2
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(2) as pool:
+        start = manager.Barrier(2)
         results = pool.starmap(_append_from_another_process, [(path, start, 400)] * 2)
     assert sorted(results[0] + results[1]) == list(range(1, 801))
     assert all(len(set(r)) == 400 for r in results)

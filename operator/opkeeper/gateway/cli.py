@@ -152,9 +152,7 @@ async def _demo(args: argparse.Namespace, settings: server.Settings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    server.setup_logging(level=args.log_level)
     settings = settings_from(args)
     if args.demo_key:
         return asyncio.run(_demo(args, settings))

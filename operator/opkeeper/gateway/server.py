@@ -484,11 +484,15 @@ def serve_workers(*, settings: Settings, kubeconfig: str | None, log_level: str)
         del os.environ[MULTIPROC_DIR]
 
 
-def _worker(settings: Settings, kubeconfig: str | None, log_level: str) -> None:
+def setup_logging(*, level: str) -> None:
+    """The gateway's log lines, with the process id (workers share one output)."""
     logging.basicConfig(
-        level=log_level.upper(),
-        format=f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s: %(message)s",
+        level=level.upper(), format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
     )
+
+
+def _worker(settings: Settings, kubeconfig: str | None, log_level: str) -> None:
+    setup_logging(level=log_level)
     asyncio.run(serve(settings=settings, kubeconfig=kubeconfig))
 
 
