@@ -381,6 +381,11 @@ async def running(
     )
     if feeds:
         gateway.start_feeds()
+        if settings.workers > 1:
+            # The kernel hands a shared port's connections to every worker bound to it,
+            # ready or not, and no /readyz can steer them: a worker binds once its
+            # caches and keys are synced, so none answers "unknown API key" meanwhile.
+            await asyncio.gather(*(event.wait() for event in gateway.synced.values()))
     runner = web.AppRunner(gateway.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(
