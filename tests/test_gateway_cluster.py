@@ -318,8 +318,9 @@ def test_faults_for_bad_input(
 
     # bad ids
     assert fault_of(lambda: proxy.operation_details(session, 2_000_000_000)).faultCode == 404
-    assert fault_of(lambda: proxy.operation_details(session, 0)).faultCode == 404
-    assert fault_of(lambda: proxy.operation_details(session, -5)).faultCode == 404
+    # not an id at all: a bad argument, not a missing operation
+    assert fault_of(lambda: proxy.operation_details(session, 0)).faultCode == 400
+    assert fault_of(lambda: proxy.operation_details(session, -5)).faultCode == 400
     assert fault_of(lambda: proxy.operation_details(session, "12")).faultCode == -32602
     status, body = gw.post(
         raw_call(
@@ -476,23 +477,27 @@ def test_gocept_apply_query_and_all_or_nothing(
         == 400
     )
 
-    # all or nothing: the second record fails validation on the server (the CRD's CEL
-    # rule "exactly one executor"), so neither the create nor the update happens
+    # all or nothing: the third record fails validation only on the server (the CRD's
+    # CEL rule "exactly one of execAt and schedule"), so neither the create nor the
+    # update happens
     before = ops.get("gc-1")
     fault = fault_of(
         lambda: server_.apply(
             [
                 {"__type__": "operation", "name": "gc-2", "type": "domain_renew"},
+                {"__type__": "operation", "name": "gc-1", "params": {"years": 3}},
                 {
-                    "__type__": "operation",
-                    "name": "gc-1",
-                    "executor": {"builtin": {"action": "noop"}, "external": {}},
+                    "__type__": "scheduledtask",
+                    "name": "gc-bad",
+                    "exec_at": datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC),
+                    "schedule": "0 3 * * *",
+                    "template": {"type": "backup"},
                 },
             ]
         )
     )
     assert fault.faultCode == 400
-    assert "record 2" in fault.faultString
+    assert "record 3" in fault.faultString
     with pytest.raises(kubernetes.client.ApiException) as missing:
         ops.get("gc-2")
     assert missing.value.status == 404

@@ -184,23 +184,23 @@ class MemoryCallLog(calllog.CallLog):
     def __init__(self) -> None:
         self.entries: dict[str, list[calllog.Entry]] = {}
 
-    async def append(
+    async def _append(
         self,
         *,
         tenant: str,
         method: str,
         args_json: str,
         result_json: str,
-        exception: str = "",
-        address: str = "",
-        when: datetime.datetime | None = None,
+        exception: str,
+        address: str,
+        when: datetime.datetime,
     ) -> calllog.Serial:
         log = self.entries.setdefault(tenant, [])
         serial = calllog.Serial(len(log) + 1)
         log.append(
             calllog.Entry(
                 serial=serial,
-                timestamp=when or datetime.datetime.now(datetime.UTC),
+                timestamp=when,
                 method=method,
                 args_json=args_json,
                 result_json=result_json,

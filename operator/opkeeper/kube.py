@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from opkeeper import API_VERSION, GROUP, VERSION, errors
+from opkeeper import API_VERSION, GROUP, VERSION, errors, names
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +69,20 @@ class Resource:
         name: str | None = None,
         subresource: str | None = None,
     ) -> str:
-        """The URL path of the collection, or of one object (and a subresource)."""
+        """The URL path of the collection, or of one object (and a subresource).
+
+        Every segment is checked (:func:`opkeeper.names.path_segment`): a value that
+        is not a valid name raises :class:`opkeeper.names.InvalidName` instead of
+        becoming a path the server would resolve (``..``, ``/``, ``%2F``, ``?``).
+        """
         base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
         if self.namespaced and namespace is not None:
-            base += f"/namespaces/{namespace}"
+            base += f"/namespaces/{names.path_segment(namespace, kind='namespace')}"
         base += f"/{self.plural}"
         if name is not None:
-            base += f"/{name}"
+            base += f"/{names.path_segment(name, kind='name')}"
             if subresource is not None:
-                base += f"/{subresource}"
+                base += f"/{names.path_segment(subresource, kind='subresource')}"
         return base
 
 

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NewType, Protocol
 
-from opkeeper import errors
+from opkeeper import errors, names
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ Tenant = NewType("Tenant", str)
 """The one namespace a caller may see and change."""
 
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def new_key() -> str:
@@ -128,7 +127,9 @@ class KeyRing:
                 "API key Secret %s ignored: needs keyHash (sha256:<hex>), userId, namespace", where
             )
             return None
-        if not _DNS_LABEL.match(tenant):
+        try:
+            names.namespace(tenant)
+        except names.InvalidName:
             log.warning("API key Secret %s ignored: namespace is not a valid name", where)
             return None
         if self._settings.namespace is None and tenant != meta.get("namespace"):

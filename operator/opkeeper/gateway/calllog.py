@@ -32,14 +32,96 @@ import dataclasses
 import datetime
 import functools
 import itertools
+import json
+import os
+import re
 import sqlite3
-from typing import NewType
+from typing import Any, NewType
 
 Serial = NewType("Serial", int)
 """A position in one tenant's log, 1, 2, 3, ... with no gaps."""
 
 RETENTION = datetime.timedelta(days=30)
 """How long entries are kept (the gocept promise)."""
+
+JSON_FIELD_MAX = 8 * 1024
+"""Most characters kept of an entry's ``args`` or ``result`` JSON (default 8 KiB);
+a longer one is stored as a marked cut (:func:`cap_json`), still valid JSON."""
+TEXT_FIELD_MAX = 1024
+"""Most characters kept of an entry's exception text, method and address."""
+PAGE_MAX_BYTES = 1024 * 1024
+"""Most bytes of entries one ``since`` or ``latest`` page returns (at least one entry),
+so ``log()`` answers stay bounded whatever the page length."""
+REDACTED = "<redacted>"
+"""What a secret-looking parameter's value is stored as."""
+
+_SECRET_WORDS = frozenset(
+    {
+        "apikey",
+        "auth",
+        "authcode",
+        "authkey",
+        "cookie",
+        "credential",
+        "credentials",
+        "key",
+        "otp",
+        "passphrase",
+        "passwd",
+        "password",
+        "pin",
+        "privatekey",
+        "pwd",
+        "secret",
+        "session",
+        "signature",
+        "token",
+    }
+)
+_SECRET_PARTS = ("password", "passwd", "secret", "token", "apikey", "authcode", "privatekey")
+_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a parameter named ``name`` likely holds a secret: one of its words
+    (split at ``_``, ``-``, ``.`` and camelCase) is a secret word (``auth_code``,
+    ``password``, ``apiKey``, ``x-token``), or it contains one (``dbpassword``)."""
+    if len(name) > 256:
+        return True  # no real parameter has such a name: keep nothing of it
+    words = [w.lower() for w in _WORD_SPLIT.split(name) if w]
+    if any(w in _SECRET_WORDS for w in words) or "".join(words) in _SECRET_WORDS:
+        return True
+    flat = "".join(words)
+    return any(part in flat for part in _SECRET_PARTS)
+
+
+def redact(value: Any) -> Any:
+    """``value`` with every struct member whose name looks secret replaced by
+    :data:`REDACTED`, at any depth (args and results alike: details echo params)."""
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if isinstance(k, str) and is_secret_name(k) else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
+def cap_json(text: str, *, limit: int = JSON_FIELD_MAX) -> str:
+    """``text`` (JSON) if it fits ``limit``, else a JSON object marking the cut:
+    ``{"__cut__": {"length": N, "head": "<the first characters>"}}``."""
+    if len(text) <= limit:
+        return text
+    head = text[: max(0, limit - 100)]
+    return json.dumps({"__cut__": {"length": len(text), "head": head}}, separators=(",", ":"))
+
+
+def cap_text(text: str, *, limit: int = TEXT_FIELD_MAX) -> str:
+    """``text`` cut to ``limit`` characters, marked when cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...(cut, {len(text)} characters)"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,7 +145,6 @@ class Entry:
 class CallLog(abc.ABC):
     """Where the gateway keeps the call log; every method is safe to call concurrently."""
 
-    @abc.abstractmethod
     async def append(
         self,
         *,
@@ -75,7 +156,34 @@ class CallLog(abc.ABC):
         address: str = "",
         when: datetime.datetime | None = None,
     ) -> Serial:
-        """Log one call; returns its serial once the entry is durable and visible."""
+        """Log one call; returns its serial once the entry is durable and visible.
+
+        Every field is capped here, whatever the store, so no caller can make an
+        entry larger than a few KiB.
+        """
+        return await self._append(
+            tenant=tenant,
+            method=cap_text(method, limit=128),
+            args_json=cap_json(args_json),
+            result_json=cap_json(result_json),
+            exception=cap_text(exception),
+            address=cap_text(address, limit=64),
+            when=when or datetime.datetime.now(datetime.UTC),
+        )
+
+    @abc.abstractmethod
+    async def _append(
+        self,
+        *,
+        tenant: str,
+        method: str,
+        args_json: str,
+        result_json: str,
+        exception: str,
+        address: str,
+        when: datetime.datetime,
+    ) -> Serial:
+        """Store one entry whose fields are already capped."""
 
     @abc.abstractmethod
     async def since(self, *, tenant: str, serial: int, limit: int) -> list[Entry]:
@@ -174,6 +282,11 @@ class SqliteCallLog(CallLog):
         return conn
 
     def _open_writer(self) -> None:
+        # Owner-only before SQLite opens it (its -wal and -shm files take the same mode):
+        # the log holds every tenant's calls.
+        if self._settings.path != ":memory:":
+            os.close(os.open(self._settings.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self._settings.path, 0o600)
         conn = self._connect()
         conn.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode syncs at checkpoints, not per commit: a power cut can lose
@@ -185,20 +298,20 @@ class SqliteCallLog(CallLog):
     def _open_reader(self) -> None:
         self._read_conn = self._connect()
 
-    async def append(
+    async def _append(
         self,
         *,
         tenant: str,
         method: str,
         args_json: str,
         result_json: str,
-        exception: str = "",
-        address: str = "",
-        when: datetime.datetime | None = None,
+        exception: str,
+        address: str,
+        when: datetime.datetime,
     ) -> Serial:
         if not self._accepting:
             raise RuntimeError("SqliteCallLog is not open")
-        ts = (when or datetime.datetime.now(datetime.UTC)).timestamp()
+        ts = when.timestamp()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Serial] = loop.create_future()
         self._pending.append(
@@ -281,19 +394,31 @@ class SqliteCallLog(CallLog):
     async def _read(self, sql: str, args: tuple[str | int, ...], *, reverse: bool) -> list[Entry]:
         def run() -> list[Entry]:
             assert self._read_conn is not None
-            rows = self._read_conn.execute(sql, args).fetchall()
-            entries = [
-                Entry(
-                    serial=Serial(int(serial)),
-                    timestamp=datetime.datetime.fromtimestamp(ts, datetime.UTC),
-                    method=method,
-                    args_json=args_json,
-                    result_json=result_json,
-                    exception=exception,
-                    address=address,
+            entries: list[Entry] = []
+            size = 0
+            for (
+                serial,
+                ts,
+                method,
+                args_json,
+                result_json,
+                exception,
+                address,
+            ) in self._read_conn.execute(sql, args):
+                size += len(args_json) + len(result_json) + len(exception) + 200
+                if entries and size > PAGE_MAX_BYTES:
+                    break  # the client continues from the last serial it got
+                entries.append(
+                    Entry(
+                        serial=Serial(int(serial)),
+                        timestamp=datetime.datetime.fromtimestamp(ts, datetime.UTC),
+                        method=method,
+                        args_json=args_json,
+                        result_json=result_json,
+                        exception=exception,
+                        address=address,
+                    )
                 )
-                for serial, ts, method, args_json, result_json, exception, address in rows
-            ]
             return entries[::-1] if reverse else entries
 
         return await asyncio.get_running_loop().run_in_executor(self._reader_pool, run)

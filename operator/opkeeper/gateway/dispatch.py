@@ -23,11 +23,14 @@ import binascii
 import dataclasses
 import datetime
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
-from opkeeper import errors, states
+from opkeeper import errors, names, states
 from opkeeper.gateway import auth, cache, calllog, faults, records, service, xmlrpc
+
+log = logging.getLogger(__name__)
 
 Dialect = Literal["gandi", "gocept"]
 """Which dialect a method belongs to (a metrics label)."""
@@ -100,11 +103,14 @@ class Dispatcher:
         sessions: auth.Sessions,
         keyring: auth.KeyRing,
         limits: xmlrpc.Limits = xmlrpc.DEFAULT_LIMITS,
+        on_log_failure: Callable[[], None] = lambda: None,
     ) -> None:
         self.svc = svc
         self.sessions = sessions
         self.keyring = keyring
         self.limits = limits
+        self.on_log_failure = on_log_failure
+        """Called when the call log could not store an entry (a metric counts it)."""
 
     async def handle(self, *, body: bytes, request: Request) -> Outcome:
         try:
@@ -114,7 +120,9 @@ class Dispatcher:
             return Outcome(body=encoded, dialect="none", method="unknown", fault=fault)
         method = METHODS.get(call.method)
         if method is None:
-            fault, encoded = faults.encode(xmlrpc.UnknownMethod(f"unknown method {call.method!r}"))
+            fault, encoded = faults.encode(
+                xmlrpc.UnknownMethod(f"unknown method {names.shown(call.method)}")
+            )
             return Outcome(body=encoded, dialect="none", method="unknown", fault=fault)
         state = _Call(request=request, params=call.params)
         try:
@@ -133,6 +141,8 @@ class Dispatcher:
     async def _log(
         self, name: str, method: Method, call: _Call, *, fault: faults.Fault | None
     ) -> None:
+        """Log the call; a store failure never changes the answer: the call already
+        happened, and a client told otherwise would retry it (a second create)."""
         if not method.logged or call.identity is None:
             return
         if fault is not None:
@@ -140,16 +150,20 @@ class Dispatcher:
         elif isinstance(call.logged_result, _Encoded):
             result_json = call.logged_result.result_json
         else:
-            result_json = _json(call.logged_result)
-        await self.svc.call_log.append(
-            tenant=call.identity.tenant,
-            method=name,
-            args_json=_json({"args": call.logged_args, "kw": {}}),
-            result_json=result_json,
-            exception="" if fault is None else f"{fault.code}: {fault.message}",
-            address=call.request.address,
-            when=call.request.now,
-        )
+            result_json = _json(calllog.redact(call.logged_result))
+        try:
+            await self.svc.call_log.append(
+                tenant=call.identity.tenant,
+                method=name,
+                args_json=_json({"args": calllog.redact(call.logged_args), "kw": {}}),
+                result_json=result_json,
+                exception="" if fault is None else f"{fault.code}: {fault.message}",
+                address=call.request.address,
+                when=call.request.now,
+            )
+        except Exception:
+            self.on_log_failure()
+            log.exception("call log write failed for %s.%s", call.identity.tenant, name)
 
     # --- authentication ----------------------------------------------------------
 
@@ -202,10 +216,7 @@ def _struct(value: Any, what: str) -> dict[str, Any]:
 
 
 def _opid(value: Any) -> cache.OpId:
-    number = _int(value, "opid")
-    if number < 1:
-        raise errors.NotFound(f"operation {number} not found")
-    return cache.OpId(number)
+    return cache.OpId(names.int_id(value, what="opid"))
 
 
 # --- wire formatting ---------------------------------------------------------------
@@ -280,7 +291,9 @@ def _details_answer(entry: cache.OperationEntry, *, now: datetime.datetime) -> _
     if isinstance(kept, _Details) and kept.eta_seconds == eta_seconds:
         return kept.answer
     details = _gandi_details(entry, eta_seconds=eta_seconds)
-    answer = _Encoded(body=xmlrpc.encode_response(details), result_json=_json(details))
+    answer = _Encoded(
+        body=xmlrpc.encode_response(details), result_json=_json(calllog.redact(details))
+    )
     entry.derived[_DETAILS] = _Details(eta_seconds=eta_seconds, answer=answer)
     return answer
 
@@ -336,7 +349,7 @@ async def _operation_list(d: Dispatcher, call: _Call) -> list[int]:
     unknown = sorted(set(raw) - _LIST_FILTER_KEYS)
     if unknown:
         raise errors.InvalidArgument(
-            f"unknown filter keys {', '.join(unknown)};"
+            f"unknown filter keys {', '.join(names.shown(k) for k in unknown[:5])};"
             f" known: {', '.join(sorted(_LIST_FILTER_KEYS))}"
         )
     for key in ("updated_after", "updated_before"):

@@ -53,6 +53,9 @@ TABLE: tuple[Row, ...] = (
     Row(error=errors.OpkeeperError, code=500, name="error"),
 )
 
+MESSAGE_MAX = 512
+"""Longest faultString sent (and logged): a fault never echoes a large input back."""
+
 INTERNAL = Row(error=Exception, code=-32603, name="internal_error")
 """Anything unexpected: the client gets an incident id, the log gets the traceback."""
 
@@ -85,7 +88,11 @@ def fault_for(exc: Exception) -> Fault:
             name=row.name,
             message=f"internal error (incident {incident}); the server log has the details",
         )
-    return Fault(code=row.code, name=row.name, message=str(exc) or row.name.replace("_", " "))
+    message = str(exc) or row.name.replace("_", " ")
+    if len(message) > MESSAGE_MAX:
+        # Messages quote client input (shortened where they do); this is the backstop.
+        message = message[:MESSAGE_MAX] + "...(cut)"
+    return Fault(code=row.code, name=row.name, message=message)
 
 
 def encode(exc: Exception) -> tuple[Fault, bytes]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import pydantic
 
-from opkeeper import errors, models
+from opkeeper import errors, models, names
 from opkeeper.gateway import cache
 
 RecordType = Literal["operation", "scheduledtask"]
@@ -27,13 +27,14 @@ Action = Literal["set", "delete"]
 TYPES: tuple[RecordType, ...] = ("operation", "scheduledtask")
 
 Record = dict[str, Any]
+Executor = dict[str, Any]
+"""An executor as ``spec.executor`` holds it (camelCase or snake_case keys)."""
 
 OPERATION_WRITABLE = frozenset(
     {
         "type",
         "object",
         "params",
-        "executor",
         "depends_on",
         "deadline_seconds",
         "retries",
@@ -44,6 +45,7 @@ OPERATION_WRITABLE = frozenset(
 )
 OPERATION_READONLY = frozenset(
     {
+        "executor",
         "id",
         "state",
         "reason",
@@ -115,18 +117,19 @@ def parse(index: int, record: Any) -> Parsed:
     type_ = record.get("__type__")
     if type_ not in TYPES:
         raise errors.InvalidArgument(
-            f"{where}: __type__ must be one of {', '.join(TYPES)}, not {type_!r}"
+            f"{where}: __type__ must be one of {', '.join(TYPES)}, not {names.shown(type_)}"
         )
     action = record.get("__action__", "set")
     if action not in ("set", "delete"):
         raise errors.InvalidArgument(f"{where}: __action__ must be set or delete")
-    name = record.get("name")
-    if not isinstance(name, str) or not name:
+    if "name" not in record:
         raise errors.InvalidArgument(f"{where}: the primary key `name` is required")
+    name = names.object_name(record["name"], what=f"{where}: name")
     values = {k: v for k, v in record.items() if k not in _META}
     unknown = sorted(set(values) - writable(type_) - readonly(type_))
     if unknown:
-        raise errors.InvalidArgument(f"{where}: unknown keys for {type_}: {', '.join(unknown)}")
+        shown = ", ".join(names.shown(k) for k in unknown[:5])
+        raise errors.InvalidArgument(f"{where}: unknown keys for {type_}: {shown}")
     return Parsed(index=index, type=type_, action=action, name=name, values=values)
 
 
@@ -160,12 +163,17 @@ def spec_values(*, type_: RecordType, spec: Mapping[str, Any]) -> dict[str, Any]
 
 
 def build_spec(
-    *, parsed: Parsed, current: Mapping[str, Any] | None, default_executor: Mapping[str, Any]
+    *, parsed: Parsed, current: Mapping[str, Any] | None, executor_for: Callable[[str], Executor]
 ) -> dict[str, Any]:
     """The full spec (camelCase) after laying ``parsed`` over ``current`` (None: a create).
 
     Read-only keys are refused on a create and must equal the current value on
     an update, so a record read with ``query`` can be sent back unchanged.
+
+    The executor (of an Operation, or of a ScheduledTask's template) is read-only
+    here: a legacy caller never chooses how work runs. A new object gets the
+    operator's policy for its type (``executor_for``); an update keeps the current
+    executor, unless it changes the type, which takes the new type's policy.
     """
     where = f"record {parsed.index + 1} ({parsed.type} {parsed.name})"
     given_ro = {k: v for k, v in parsed.values.items() if k in readonly(parsed.type)}
@@ -176,15 +184,37 @@ def build_spec(
     values = {**base, **updates}
     try:
         if parsed.type == "operation":
-            values.setdefault("executor", dict(default_executor))
+            values["executor"] = _executor(base, values, executor_for=executor_for)
             return models.OperationSpec.model_validate(values).to_k8s()
-        template = dict(values.get("template") or {})
+        base_template = base.get("template") or {}
+        template = values.get("template")
+        if not isinstance(template, dict):
+            raise errors.InvalidArgument(f"{where}: template must be a struct")
+        template = dict(template)
+        if "executor" in template and template["executor"] != base_template.get("executor"):
+            raise errors.InvalidArgument(
+                f"{where}: template.executor is read-only (the operator's policy for the"
+                " template's type decides how its operations run)"
+            )
+        template["executor"] = _executor(base_template, template, executor_for=executor_for)
         labels = template.pop("labels", None)
-        template.setdefault("executor", dict(default_executor))
+        if labels is not None:
+            labels = names.labels(labels, what=f"{where}: template.labels")
         values["template"] = {"spec": template, "metadata": {"labels": labels} if labels else None}
         return models.ScheduledTaskSpec.model_validate(values).to_k8s()
     except pydantic.ValidationError as exc:
         raise errors.InvalidArgument(f"{where}: {validation_message(exc)}") from None
+
+
+def _executor(
+    before: Mapping[str, Any], after: Mapping[str, Any], *, executor_for: Callable[[str], Executor]
+) -> Executor:
+    """The executor a gateway write leaves on a spec: the current one, or the policy's
+    for the type when the object is new or its type changed."""
+    if before.get("executor") and before.get("type") == after.get("type"):
+        return dict(before["executor"])
+    type_ = after.get("type")
+    return executor_for(type_ if isinstance(type_, str) else "")
 
 
 def check_readonly(*, parsed: Parsed, current_record: Mapping[str, Any]) -> None:

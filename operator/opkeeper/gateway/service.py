@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import pydantic
 
-from opkeeper import API_VERSION, errors, ids, kube, models, states
+from opkeeper import API_VERSION, errors, ids, kube, models, names, states
 from opkeeper.gateway import auth, cache, calllog, records
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,12 @@ class Settings:
     """Entries ``log()`` without a serial returns (gocept's documented 10)."""
     write_attempts: int = 3
     """Attempts of a conditional write when the object keeps changing underneath."""
+    apply_max_records: int = 100
+    """Most records one ``apply`` call may carry (default 100): each costs API calls
+    (a read, a dry run, a write), so a batch is bounded like any other request."""
+    max_spec_bytes: int = 64 * 1024
+    """Largest spec (params included, as JSON) a legacy write may store (default 64 KiB):
+    every byte goes to etcd and into every watcher's cache."""
 
     def executor_for(self, type_: str) -> dict[str, Any]:
         return dict(self.executors.get(type_, self.default_executor))
@@ -203,12 +210,17 @@ class Service:
         """Records of ``type_`` whose values equal every filter value."""
         if type_ not in records.TYPES:
             raise errors.InvalidArgument(
-                f"unknown type {type_!r}; expected one of {', '.join(records.TYPES)}"
+                f"unknown type {names.shown(type_)}; expected one of {', '.join(records.TYPES)}"
             )
         known = records.writable(type_) | records.readonly(type_) | {"name"}
         unknown = sorted(set(exact) - known)
         if unknown:
-            raise errors.InvalidArgument(f"unknown filter keys for {type_}: {', '.join(unknown)}")
+            shown = ", ".join(names.shown(k) for k in unknown[:5])
+            raise errors.InvalidArgument(f"unknown filter keys for {type_}: {shown}")
+        if "name" in exact:
+            names.object_name(exact["name"], what="filter name")
+        if "id" in exact:
+            names.int_id(exact["id"], what="filter id")
         # Use the indexes for what they cover; compare the rest on the built record.
         indexed: dict[str, Any] = {}
         for key in ("name", "type", "state"):
@@ -217,7 +229,7 @@ class Service:
         ref = exact.get("object")
         if type_ == "operation" and isinstance(ref, dict) and set(ref) == {"kind", "name"}:
             indexed["object"] = (ref["kind"], ref["name"])
-        if "id" in exact and isinstance(exact["id"], int) and not isinstance(exact["id"], bool):
+        if "id" in exact:
             found = self._by_id(type_, who.tenant, cache.OpId(exact["id"]))
             candidates = [found] if found is not None else []
         elif type_ == "operation":
@@ -269,6 +281,7 @@ class Service:
             )
         except pydantic.ValidationError as exc:
             raise errors.InvalidArgument(records.validation_message(exc)) from None
+        self._check_size(spec.to_k8s(), where="operation")
         id_ = cache.OpId(await self._ids.allocate())
         stamp = await self._seal.stamp(id_, namespace=who.tenant, name=f"op-{id_}")
         body: Body = {
@@ -297,6 +310,7 @@ class Service:
         def plan(entry: cache.OperationEntry) -> Body | None:
             states.transition(entry.state, states.Event.RELAUNCH)
             merged = {**(entry.spec.get("params") or {}), **params}
+            self._check_size({"params": merged}, where=f"operation {id_}")
             return {
                 "spec": {"params": merged, "relaunch": int(entry.spec.get("relaunch") or 0) + 1}
             }
@@ -341,6 +355,14 @@ class Service:
             return
         raise errors.Conflict(f"operation {id_} keeps changing; try again")
 
+    def _check_size(self, spec: Mapping[str, Any], *, where: str) -> None:
+        size = len(json.dumps(spec, separators=(",", ":"), default=str))
+        if size > self.settings.max_spec_bytes:
+            raise errors.InvalidArgument(
+                f"{where}: the spec is {size} bytes as JSON; at most"
+                f" {self.settings.max_spec_bytes} are stored"
+            )
+
     @staticmethod
     def _remember(
         table: cache.OperationCache | cache.TaskCache, obj: Body, *, based_on: str | None
@@ -358,6 +380,11 @@ class Service:
     async def apply(self, *, who: auth.Identity, batch: Sequence[Any]) -> list[records.Record]:
         """All-or-nothing: validate every record (locally, then by server-side dry run),
         write, and undo the earlier writes if a later one still fails."""
+        if len(batch) > self.settings.apply_max_records:
+            raise errors.InvalidArgument(
+                f"apply takes at most {self.settings.apply_max_records} records per call,"
+                f" got {len(batch)}"
+            )
         parsed = [records.parse(i, record) for i, record in enumerate(batch)]
         seen: set[tuple[str, str]] = set()
         for p in parsed:
@@ -407,11 +434,10 @@ class Service:
             if current is None:
                 return None  # deleting what does not exist is not an error
             return _Step(parsed=parsed, verb="delete", resource=resource, before=current, body={})
-        default_executor = self._default_executor(parsed)
+        executor_for = self.settings.executor_for
         if current is None:
-            spec = records.build_spec(
-                parsed=parsed, current=None, default_executor=default_executor
-            )
+            spec = records.build_spec(parsed=parsed, current=None, executor_for=executor_for)
+            self._check_size(spec, where=where)
             return _Step(
                 parsed=parsed,
                 verb="create",
@@ -421,8 +447,9 @@ class Service:
             )
         records.check_readonly(parsed=parsed, current_record=_record_of(parsed.type, current))
         spec = records.build_spec(
-            parsed=parsed, current=current.get("spec") or {}, default_executor=default_executor
+            parsed=parsed, current=current.get("spec") or {}, executor_for=executor_for
         )
+        self._check_size(spec, where=where)
         if parsed.type == "operation":
             self._check_operation_change(where=where, current=current, spec=spec)
         patch = _merge_patch(current.get("spec") or {}, spec)
@@ -438,13 +465,6 @@ class Service:
                 "spec": patch,
             },
         )
-
-    def _default_executor(self, parsed: records.Parsed) -> dict[str, Any]:
-        if parsed.type == "operation":
-            type_ = parsed.values.get("type")
-        else:
-            type_ = (parsed.values.get("template") or {}).get("type")
-        return self.settings.executor_for(type_ if isinstance(type_, str) else "")
 
     @staticmethod
     def _check_operation_change(*, where: str, current: Body, spec: Body) -> None:

@@ -39,7 +39,7 @@ from xml.parsers import expat
 import defusedxml
 import defusedxml.xmlrpc
 
-from opkeeper import errors
+from opkeeper import errors, names
 
 Value: TypeAlias = (
     "bool | int | float | str | bytes | datetime.datetime | list[Value] | dict[str, Value]"
@@ -62,6 +62,11 @@ class Limits:
     max_elements: int = 100_000
     """Most XML elements in one request (default 100,000), so a flat flood of tiny
     elements is cut off as early as a deep one."""
+    max_string_chars: int = 64 * 1024
+    """Longest ``<string>`` or ``<base64>`` text (default 64 KiB): far above any real
+    parameter, and what bounds a stored params value and a call log entry."""
+    max_name_chars: int = 256
+    """Longest struct member name (default 256)."""
 
 
 DEFAULT_LIMITS = Limits()
@@ -132,18 +137,29 @@ _CHILDREN: dict[str, frozenset[str]] = {
 }
 _CHILDREN.update(dict.fromkeys((*_SCALARS, "methodName", "name"), frozenset()))
 _TEXT_ALLOWED = _SCALARS | {"value", "methodName", "name"}
+_LONG = frozenset({"string", "base64"})
+"""The scalars whose text may be long (capped by :attr:`Limits.max_string_chars`)."""
 _NON_STANDARD = {
     "i8": "<i8> is not standard XML-RPC; integers must fit 32 bits (<int>)",
     "nil": "<nil> is not standard XML-RPC; leave the value out instead",
 }
-_METHOD_NAME = re.compile(r"^[A-Za-z0-9_.:/]{1,128}$")
-_INT = re.compile(r"^[+-]?[0-9]+$")
-_DOUBLE = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+# Every pattern below is matched only after a length check, and none can backtrack
+# more than linearly: the double's integer part has one way to match (`[0-9]+` then an
+# optional `.digits`), where the old `[0-9]+\.?[0-9]*` could split a run of digits at
+# every point and took quadratic time (16,000 digits: 7 s of CPU).
+_METHOD_NAME = re.compile(r"[A-Za-z0-9_.:/]{1,128}")
+_INT = re.compile(r"[+-]?[0-9]+")
+_DOUBLE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _DATETIME = re.compile(
-    r"^(?P<y>[0-9]{4})-?(?P<mo>[0-9]{2})-?(?P<d>[0-9]{2})"
-    r"(?:T(?P<h>[0-9]{2}):?(?P<mi>[0-9]{2}):?(?P<s>[0-9]{2})(?:\.[0-9]+)?"
-    r"(?P<tz>Z|[+-][0-9]{2}:?[0-9]{2})?)?$"
+    r"(?P<y>[0-9]{4})-?(?P<mo>[0-9]{2})-?(?P<d>[0-9]{2})"
+    r"(?:T(?P<h>[0-9]{2}):?(?P<mi>[0-9]{2}):?(?P<s>[0-9]{2})(?:\.[0-9]{1,9})?"
+    r"(?P<tz>Z|[+-][0-9]{2}:?[0-9]{2})?)?"
 )
+_NUMBER_MAX_CHARS = 64
+"""Longest ``<int>``/``<double>`` text once stripped: an i4 needs 11 characters and a
+double's full precision about 25; anything longer is refused before it is parsed
+(Python's ``int()`` is quadratic in the digits and refuses more than 4,300)."""
+_DATETIME_MAX_CHARS = 64
 
 
 def parse_datetime(text: str) -> datetime.datetime:
@@ -154,15 +170,20 @@ def parse_datetime(text: str) -> datetime.datetime:
     ``xmlrpc.client.DateTime("2006-01-01")`` sends). Without an offset the
     value is UTC: the XML-RPC spec names no zone and the cluster runs in UTC.
     """
-    m = _DATETIME.match(text.strip())
+    stripped = text.strip()
+    m = _DATETIME.fullmatch(stripped) if len(stripped) <= _DATETIME_MAX_CHARS else None
     if m is None:
         raise InvalidRequest(
-            f"bad dateTime.iso8601 {text[:40]!r}; expected e.g. 20060101T00:00:00 or 2006-01-01"
+            f"bad dateTime.iso8601 {names.shown(text)}; expected e.g. 20060101T00:00:00"
+            " or 2006-01-01"
         )
     tz = datetime.UTC
     if m["tz"] and m["tz"] != "Z":
         raw = m["tz"].replace(":", "")
-        delta = datetime.timedelta(hours=int(raw[1:3]), minutes=int(raw[3:5]))
+        hours, minutes = int(raw[1:3]), int(raw[3:5])
+        if hours > 23 or minutes > 59:
+            raise InvalidRequest(f"bad dateTime.iso8601 {names.shown(text)}: offset out of range")
+        delta = datetime.timedelta(hours=hours, minutes=minutes)
         tz = datetime.timezone(delta if raw[0] == "+" else -delta)
     try:
         value = datetime.datetime(
@@ -174,32 +195,37 @@ def parse_datetime(text: str) -> datetime.datetime:
             int(m["s"] or 0),
             tzinfo=tz,
         )
-    except ValueError as exc:
-        raise InvalidRequest(f"bad dateTime.iso8601 {text[:40]!r}: {exc}") from None
-    return value.astimezone(datetime.UTC)
+        # Year 1 with a positive offset (or 9999 with a negative one) has no UTC form.
+        return value.astimezone(datetime.UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidRequest(f"bad dateTime.iso8601 {names.shown(text)}: {exc}") from None
+
+
+def _number_text(tag: str, text: str, pattern: re.Pattern[str]) -> str:
+    stripped = text.strip()
+    if len(stripped) > _NUMBER_MAX_CHARS:
+        raise InvalidRequest(f"<{tag}> value longer than {_NUMBER_MAX_CHARS} characters")
+    if not pattern.fullmatch(stripped):
+        raise InvalidRequest(f"bad <{tag}> value {names.shown(text)}")
+    return stripped
 
 
 def _scalar(tag: str, text: str) -> Value:
     if tag in ("int", "i4"):
-        stripped = text.strip()
-        if not _INT.match(stripped):
-            raise InvalidRequest(f"bad <{tag}> value {text[:40]!r}")
+        stripped = _number_text(tag, text, _INT)
         number = int(stripped)
         if not I4_MIN <= number <= I4_MAX:
-            raise InvalidRequest(f"<{tag}> value {stripped[:40]} does not fit 32 bits")
+            raise InvalidRequest(f"<{tag}> value {names.shown(stripped)} does not fit 32 bits")
         return number
     if tag == "boolean":
         stripped = text.strip()
         if stripped not in ("0", "1"):
-            raise InvalidRequest(f"bad <boolean> value {text[:40]!r}; expected 0 or 1")
+            raise InvalidRequest(f"bad <boolean> value {names.shown(text)}; expected 0 or 1")
         return stripped == "1"
     if tag == "double":
-        stripped = text.strip()
-        if not _DOUBLE.match(stripped):
-            raise InvalidRequest(f"bad <double> value {text[:40]!r}")
-        number_f = float(stripped)
+        number_f = float(_number_text(tag, text, _DOUBLE))
         if math.isinf(number_f):
-            raise InvalidRequest(f"<double> value {stripped[:40]} is out of range")
+            raise InvalidRequest(f"<double> value {names.shown(text.strip())} is out of range")
         return number_f
     if tag == "dateTime.iso8601":
         return parse_datetime(text)
@@ -236,6 +262,8 @@ class _Target:
     def __init__(self, limits: Limits) -> None:
         self._max_elements = limits.max_elements
         self._max_depth = limits.max_depth
+        self._max_string = limits.max_string_chars
+        self._max_name = limits.max_name_chars
         self._stack: list[_Frame] = [_Frame("")]
         self._elements = 0
         self._depth = 0
@@ -253,7 +281,7 @@ class _Target:
             if tag in _NON_STANDARD and parent.tag == "value":
                 raise InvalidRequest(_NON_STANDARD[tag])
             where = f"inside <{parent.tag}>" if parent.tag else "as the root element"
-            raise InvalidRequest(f"unexpected element <{tag[:64]}> {where}")
+            raise InvalidRequest(f"unexpected element <{names.shown(tag)[1:-1]}> {where}")
         if parent.tag == "value":
             if parent.has_value:
                 raise InvalidRequest("a <value> holds exactly one typed child")
@@ -286,19 +314,23 @@ class _Target:
                     raise InvalidRequest("text next to a typed value")
                 self._give(parent, frame.value)
             else:
-                self._give(parent, "".join(frame.text))  # untyped <value> is a string
+                self._give(parent, self._string(frame, "string"))  # untyped <value>
         elif tag in _SCALARS:
-            self._give(parent, _scalar(tag, "".join(frame.text)))
+            text = self._string(frame, tag) if tag in _LONG else "".join(frame.text)
+            self._give(parent, _scalar(tag, text))
         elif tag == "member":
             if frame.name is None or frame.value is None:
                 raise InvalidRequest("a <member> needs a <name> and a <value>")
             if frame.name in parent.members:
-                raise InvalidRequest(f"duplicate struct member {frame.name[:64]!r}")
+                raise InvalidRequest(f"duplicate struct member {names.shown(frame.name)}")
             parent.members[frame.name] = frame.value
         elif tag == "name":
             if parent.name is not None:
                 raise InvalidRequest("a <member> holds exactly one <name>")
-            parent.name = "".join(frame.text)
+            name = "".join(frame.text)
+            if len(name) > self._max_name:
+                raise LimitExceeded(f"a struct member name is longer than {self._max_name}")
+            parent.name = name
         elif tag == "param":
             if frame.value is None:
                 raise InvalidRequest("a <param> needs a <value>")
@@ -317,11 +349,17 @@ class _Target:
             self._give(parent, frame.value)
         elif tag == "methodName":
             name = "".join(frame.text).strip()
-            if not _METHOD_NAME.match(name):
-                raise InvalidRequest(f"bad method name {name[:64]!r}")
+            if len(name) > 128 or not _METHOD_NAME.fullmatch(name):
+                raise InvalidRequest(f"bad method name {names.shown(name)}")
             self.method = name
         elif tag == "methodCall":
             self.done = True
+
+    def _string(self, frame: _Frame, tag: str) -> str:
+        text = "".join(frame.text)
+        if len(text) > self._max_string:
+            raise LimitExceeded(f"a <{tag}> value is longer than {self._max_string} characters")
+        return text
 
     @staticmethod
     def _give(parent: _Frame, value: Value) -> None:
