@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import multiprocessing
 import pathlib
+import stat
 import threading
+
+import pytest
 
 from opkeeper.gateway import calllog
 
@@ -218,3 +222,115 @@ def test_close_flushes_queued_appends(tmp_path: pathlib.Path) -> None:
         assert sorted(await asyncio.gather(*pending)) == list(range(1, 51))
 
     asyncio.run(main())
+
+
+# --- hygiene: bounded entries and pages, secrets redacted, owner-only file ----------
+
+
+def test_the_file_is_owner_only(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "log.sqlite3"
+    path.touch(mode=0o644)  # an older install's file is tightened too
+
+    async def main() -> None:
+        store = await _open(path)
+        try:
+            await store.append(tenant="t", method="m", args_json="[]", result_json="1")
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    for file in tmp_path.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file.name
+
+
+def test_stored_fields_are_capped_and_cuts_stay_json(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        store = await _open(tmp_path / "log.sqlite3")
+        try:
+            await store.append(
+                tenant="t",
+                method="m" * 1000,
+                args_json=json.dumps({"args": ["Q" * 500_000], "kw": {}}),
+                result_json=json.dumps(["R" * 100_000]),
+                exception="E" * 100_000,
+                address="a" * 1000,
+            )
+            [entry] = await store.latest(tenant="t", n=10)
+        finally:
+            await store.close()
+        assert len(entry.args_json) <= calllog.JSON_FIELD_MAX
+        cut = json.loads(entry.args_json)["__cut__"]
+        assert cut["length"] > 500_000
+        assert cut["head"].startswith('{"args": ["QQQ')
+        assert json.loads(entry.result_json)["__cut__"]["length"] > 100_000
+        assert len(entry.exception) < calllog.TEXT_FIELD_MAX + 50
+        assert "cut" in entry.exception
+        assert len(entry.method) < 200
+        assert len(entry.address) < 100
+
+    asyncio.run(main())
+
+
+def test_pages_are_capped_by_bytes_and_stay_gapless(tmp_path: pathlib.Path) -> None:
+    big = json.dumps(["x" * (calllog.JSON_FIELD_MAX - 20)])
+
+    async def main() -> None:
+        store = await _open(tmp_path / "log.sqlite3")
+        try:
+            await asyncio.gather(
+                *(
+                    store.append(tenant="t", method="m", args_json=big, result_json=big)
+                    for _ in range(200)
+                )
+            )
+            seen: list[int] = []
+            while len(seen) < 200:
+                page = await store.since(tenant="t", serial=seen[-1] if seen else 0, limit=1000)
+                size = sum(len(e.args_json) + len(e.result_json) for e in page)
+                assert page
+                assert size <= calllog.PAGE_MAX_BYTES
+                seen.extend(e.serial for e in page)
+            assert seen == list(range(1, 201))
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "auth_code",
+        "authCode",
+        "password",
+        "db_password",
+        "dbpassword",
+        "api-key",
+        "apiKey",
+        "x-token",
+        "secret",
+        "client_secret",
+        "privateKey",
+        "key",
+        "otp",
+    ],
+)
+def test_secret_looking_names(name: str) -> None:
+    assert calllog.is_secret_name(name)
+
+
+@pytest.mark.parametrize("name", ["years", "domain", "type", "name", "state", "monkey", "keyword"])
+def test_ordinary_names(name: str) -> None:
+    assert not calllog.is_secret_name(name)
+
+
+def test_redact_reaches_every_depth() -> None:
+    value = [1, {"auth_code": "abab", "nested": [{"Password": "p", "ok": "v"}], "years": 2}]
+    assert calllog.redact(value) == [
+        1,
+        {
+            "auth_code": calllog.REDACTED,
+            "nested": [{"Password": calllog.REDACTED, "ok": "v"}],
+            "years": 2,
+        },
+    ]

@@ -383,3 +383,114 @@ def test_the_api_server_refusing_the_gateway_is_not_the_callers_login_problem() 
     upstream = kubeio.Upstream(Refusing())  # type: ignore[arg-type]
     with pytest.raises(errors.Unavailable, match="credentials"):
         asyncio.run(upstream.get(kube.OPERATIONS, name="x", namespace="a"))
+
+
+# --- executors are the operator's policy, never the legacy caller's -----------------
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"__type__": "operation", "name": "n", "type": "noop", "executor": {"external": {}}},
+        {
+            "__type__": "operation",
+            "name": "n",
+            "type": "noop",
+            "executor": {"webhook": {"url": "http://127.0.0.1:6443/api"}},
+        },
+        {
+            "__type__": "scheduledtask",
+            "name": "n",
+            "schedule": "0 3 * * *",
+            "template": {"type": "noop", "executor": {"job": {"template": {}}}},
+        },
+    ],
+)
+def test_apply_refuses_an_executor_on_create(record: dict[str, Any]) -> None:
+    svc, fake = build()
+    with pytest.raises(errors.InvalidArgument, match="executor"):
+        asyncio.run(svc.apply(who=A, batch=[record]))
+    assert not fake.writes
+
+
+def test_apply_takes_the_policy_and_keeps_it_on_update() -> None:
+    svc, _ = build()
+    [created] = asyncio.run(
+        svc.apply(who=A, batch=[{"__type__": "operation", "name": "n", "type": "noop"}])
+    )
+    assert created["executor"] == {"builtin": {"action": "noop"}}
+    # sent back unchanged (a record read with query) is fine; another executor is not
+    asyncio.run(svc.apply(who=A, batch=[created]))
+    evil = {**created, "executor": {"webhook": {"url": "http://169.254.169.254/"}}}
+    with pytest.raises(errors.InvalidArgument, match="read-only"):
+        asyncio.run(svc.apply(who=A, batch=[evil]))
+    # a type change takes the new type's policy
+    [changed] = asyncio.run(
+        svc.apply(who=A, batch=[{"__type__": "operation", "name": "n", "type": "other"}])
+    )
+    assert changed["executor"] == {"external": {}}
+    [task] = asyncio.run(
+        svc.apply(
+            who=A,
+            batch=[
+                {
+                    "__type__": "scheduledtask",
+                    "name": "t",
+                    "schedule": "0 3 * * *",
+                    "template": {"type": "noop", "labels": {"tier": "gold"}},
+                }
+            ],
+        )
+    )
+    assert task["template"]["executor"] == {"builtin": {"action": "noop"}}
+    assert task["template"]["labels"] == {"tier": "gold"}
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [
+        ({"__type__": "operation", "name": "../x", "type": "t"}, "not a valid name"),
+        ({"__type__": "operation", "name": "", "type": "t"}, "empty"),
+        ({"__type__": "operation", "name": 5, "type": "t"}, "string"),
+        (
+            {
+                "__type__": "scheduledtask",
+                "name": "t",
+                "schedule": "0 3 * * *",
+                "template": {"type": "t", "labels": {"../x": "v"}},
+            },
+            "label",
+        ),
+        (
+            {"__type__": "operation", "name": "p", "type": "t", "params": {"x": "Q" * 70_000}},
+            "KiB|bytes",
+        ),
+    ],
+)
+def test_apply_refuses_hostile_records_before_any_write(record: dict[str, Any], match: str) -> None:
+    svc, fake = build()
+    with pytest.raises(errors.InvalidArgument, match=match):
+        asyncio.run(svc.apply(who=A, batch=[record]))
+    assert not fake.writes
+
+
+def test_apply_batches_are_bounded() -> None:
+    svc, fake = build()
+    batch = [{"__type__": "operation", "name": f"n{i}", "type": "t"} for i in range(101)]
+    with pytest.raises(errors.InvalidArgument, match="at most 100"):
+        asyncio.run(svc.apply(who=A, batch=batch))
+    assert not fake.writes
+
+
+def test_create_and_relaunch_bound_the_stored_params() -> None:
+    svc, fake = build()
+    with pytest.raises(errors.InvalidArgument, match="bytes"):
+        asyncio.run(svc.create(who=A, type_="t", params={"x": "Q" * 70_000}, object_=None))
+    seed(fake, "a", "x")
+    fake.set_state("a", "x", states.State.FAILED_EXTERNAL.value)
+    entry = svc.operations.get("a", "x")
+    assert entry is not None
+    assert entry.id is not None
+    with pytest.raises(errors.InvalidArgument, match="bytes"):
+        asyncio.run(svc.relaunch(who=A, id_=entry.id, params={"x": "Q" * 70_000}))
+    assert fake.writes.count(("patch", "x")) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import time
 import xmlrpc.client
 
 import defusedxml
@@ -324,3 +325,78 @@ def test_we_decode_what_python_encodes(value: object) -> None:
 def test_garbage_never_escapes_as_another_error(body: bytes) -> None:
     with contextlib.suppress(codec.CodecError):
         codec.decode_call(body)
+
+
+# --- cost: every body is answered in linear time ------------------------------------
+
+_NEAR_LIMIT = codec.DEFAULT_LIMITS.max_body_bytes - 200
+
+
+def _worst_bodies() -> dict[str, bytes]:
+    digits = "1" * _NEAR_LIMIT
+    return {
+        "double, 16,000 digits then a non-digit": _wrap(
+            f"<value><double>{'1' * 16_000}x</double></value>"
+        ),
+        "double, 1 MiB of digits": _wrap(f"<value><double>{digits}</double></value>"),
+        "double, 1 MiB of digits with a dot": _wrap(
+            f"<value><double>{digits[:-2]}.</double></value>"
+        ),
+        "int, 1 MiB of digits": _wrap(f"<value><int>{digits}</int></value>"),
+        "dateTime, 1 MiB": _wrap(f"<value><dateTime.iso8601>{digits}</dateTime.iso8601></value>"),
+        "string, 1 MiB": _wrap(f"<value><string>{'Q' * _NEAR_LIMIT}</string></value>"),
+        "base64, 1 MiB": _wrap(f"<value><base64>{'QUFB' * (_NEAR_LIMIT // 4)}</base64></value>"),
+        "member name, 1 MiB": _wrap(
+            f"<value><struct><member><name>{'n' * _NEAR_LIMIT}</name>"
+            "<value>1</value></member></struct></value>"
+        ),
+        "method name, 1 MiB": (
+            f"<methodCall><methodName>{'m' * _NEAR_LIMIT}</methodName></methodCall>"
+        ).encode(),
+        "deep": _wrap("<value><array><data>" * 20_000),
+        "wide": _wrap(
+            "<value><array><data>"
+            + "<value><int>1</int></value>" * 38_000
+            + "</data></array></value>"
+        ),
+        "wide struct": _wrap(
+            "<value><struct>"
+            + "".join(f"<member><name>m{i}</name><value>1</value></member>" for i in range(20_000))
+            + "</struct></value>"
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_worst_bodies()))
+def test_worst_case_bodies_cost_little_cpu(kind: str) -> None:
+    """Each answered (decoded or refused as the client's fault) within a fixed CPU budget:
+    the quadratic number pattern once took 7 s for 16,000 digits."""
+    body = _worst_bodies()[kind]
+    assert len(body) <= codec.DEFAULT_LIMITS.max_body_bytes
+    started = time.process_time()
+    with contextlib.suppress(codec.CodecError):
+        codec.decode_call(body)
+    assert time.process_time() - started < 0.5, kind
+
+
+@pytest.mark.parametrize(
+    ("value_xml", "match"),
+    [
+        ("<value><double>" + "1" * 65 + "</double></value>", "longer than 64"),
+        ("<value><int>" + "9" * 5000 + "</int></value>", "longer than 64"),
+        ("<value><int>000000000000000000000000000001</int></value>", None),
+        ("<value><dateTime.iso8601>20060101T00:00:00+99:00</dateTime.iso8601></value>", "offset"),
+        ("<value><dateTime.iso8601>20060101T00:00:00+23:60</dateTime.iso8601></value>", "offset"),
+        ("<value><dateTime.iso8601>00010101T00:00:00+01:00</dateTime.iso8601></value>", "range"),
+        ("<value><dateTime.iso8601>99991231T23:59:59-01:00</dateTime.iso8601></value>", "range"),
+        ("<value><string>" + "s" * (64 * 1024 + 1) + "</string></value>", "longer than"),
+    ],
+)
+def test_client_caused_parse_errors_are_client_faults(value_xml: str, match: str | None) -> None:
+    """Never an internal error: each is a CodecError (a bad-argument fault)."""
+    if match is None:
+        assert codec.decode_call(_wrap(value_xml)).params == (1,)
+        return
+    with pytest.raises(codec.CodecError, match=match) as caught:
+        codec.decode_call(_wrap(value_xml))
+    assert len(str(caught.value)) < 200

@@ -59,9 +59,10 @@ class Limits:
     call is a gocept apply batch, far below that)."""
     max_depth: int = 32
     """Deepest nesting of struct/array values (default 32; real params are 2-3 deep)."""
-    max_elements: int = 100_000
-    """Most XML elements in one request (default 100,000), so a flat flood of tiny
-    elements is cut off as early as a deep one."""
+    max_elements: int = 20_000
+    """Most XML elements in one request (default 20,000; a 100-record apply batch needs
+    about 6,000), so a flat flood of tiny elements is cut off as early as a deep one:
+    each element costs a few microseconds of Python, so this bounds a request's CPU."""
     max_string_chars: int = 64 * 1024
     """Longest ``<string>`` or ``<base64>`` text (default 64 KiB): far above any real
     parameter, and what bounds a stored params value and a call log entry."""
