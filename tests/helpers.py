@@ -181,6 +181,9 @@ class ControllerProcess:
                     self._namespace,
                     "--log-level",
                     "debug",
+                    # The tests' webhook servers listen on loopback, which is refused by default.
+                    "--webhook-allow",
+                    "127.0.0.1/32",
                 ],
                 env={**self._env, "PYTHONUNBUFFERED": "1"},
                 stdout=log,

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import kubernetes
 import pytest
+from aiohttp import web
 
+from opkeeper.executors import webhook
 from tests.helpers import FakeExternalSystem, Ops, controller_in_thread, wait_for
+
+LOOPBACK = ("127.0.0.1/32",)
+"""The allow-list the tests' controllers need: their webhook servers listen on loopback,
+which the default policy refuses."""
 
 
 @pytest.fixture
@@ -25,6 +37,7 @@ def ops(cluster: Any, api: kubernetes.client.ApiClient, namespace: str) -> Itera
         namespace=namespace,
         webhook_initial_delay=0.2,
         webhook_max_delay=1.0,
+        webhook_allow=LOOPBACK,
     ):
         yield Ops(api, namespace)
 
@@ -129,3 +142,172 @@ def test_relaunch_uses_a_new_key_per_attempt(ops: Ops, external: FakeExternalSys
     uid = op["metadata"]["uid"]
     assert sorted(external.jobs) == [f"{uid}-0", f"{uid}-1"]
     assert all(count == 1 for count in external.posts.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    status: int
+    body: str = ""
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class ScriptedServer:
+    """An HTTP server on 127.0.0.1 answering each path with a fixed reply, and recording
+    every request it gets (method, path)."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, Reply] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests.append((request.method, request.path))
+        reply = self.replies.get(request.path, Reply(404))
+        return web.Response(status=reply.status, text=reply.body, headers=reply.headers)
+
+    def __enter__(self) -> ScriptedServer:
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            self._runner = web.AppRunner(app)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._ready.set()
+
+        def run() -> None:
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def down() -> None:
+            assert self._runner is not None
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(down(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedServer]:
+    with ScriptedServer() as server:
+        yield server
+
+
+def _webhook(url: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "domain_transfer", "executor": {"webhook": {"url": url, **extra}}}
+
+
+def _calls_refused_by_the_api_server(cluster: Any) -> float:
+    """Connections the API server dropped or refused: a failed TLS handshake (a client
+    that does not trust its CA, as the webhook client would not, or plain HTTP) or an
+    unauthorized request (a client without credentials)."""
+    metrics = cluster.kubectl("get", "--raw", "/metrics").stdout
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("apiserver_tls_handshake_errors_total")
+        or (line.startswith("authorization_attempts_total") and 'result="allowed"' not in line)
+    )
+
+
+def test_the_api_server_is_never_called_even_on_an_allowed_address(cluster: Any, ops: Ops) -> None:
+    # The API server listens on 127.0.0.1, inside the controller's allow-list: its own
+    # endpoint is refused anyway, by literal address and by a name resolving to it.
+    port = int(cluster.server.rsplit(":", 1)[1])
+    path = f"/apis/opkeeper.dev/v1alpha1/namespaces/{ops.namespace}/operations"
+    before = _calls_refused_by_the_api_server(cluster)
+    for name, host in (("by-address", "127.0.0.1"), ("by-name", "localhost")):
+        ops.create(name, _webhook(f"https://{host}:{port}{path}"))
+        status = ops.wait_state(name, "FailedInternal")
+        assert status["reason"] == "WebhookNotAllowed"
+        assert f"webhook destination {host} is not allowed" in status["message"]
+    assert _calls_refused_by_the_api_server(cluster) == before, "a call reached the API server"
+    # The count does see such a call: the same POST sent directly, as the webhook client
+    # would have sent it (no credentials, the system's CAs), is counted.
+    direct = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(direct, timeout=10)
+    wait_for(
+        lambda: _calls_refused_by_the_api_server(cluster) > before, what="the direct POST counted"
+    )
+
+
+def test_defaults_refuse_loopback(
+    cluster: Any, api: kubernetes.client.ApiClient, namespace: str, scripted: ScriptedServer
+) -> None:
+    with controller_in_thread(kubeconfig=cluster.kubeconfig, namespace=namespace):
+        ops = Ops(api, namespace)
+        ops.create("loopback", _webhook(f"{scripted.url}/start"))
+        status = ops.wait_state("loopback", "FailedInternal")
+    assert status["reason"] == "WebhookNotAllowed"
+    assert "127.0.0.1 is a loopback address" in status["message"]
+    assert scripted.requests == []
+
+
+def test_a_legacy_numeric_host_is_refused(ops: Ops, scripted: ScriptedServer) -> None:
+    # 2130706433 is 127.0.0.1 to the C library: never handed to it.
+    ops.create("numeric", _webhook(f"http://2130706433:{scripted.port}/start"))
+    status = ops.wait_state("numeric", "FailedInternal")
+    assert status["reason"] == "WebhookNotAllowed"
+    assert scripted.requests == []
+
+
+def test_a_redirect_is_not_followed(ops: Ops, scripted: ScriptedServer) -> None:
+    with ScriptedServer() as target:
+        target.replies["/start"] = Reply(202, '{"id": "x"}')
+        scripted.replies["/start"] = Reply(302, headers={"Location": f"{target.url}/start"})
+        ops.create("redirected", _webhook(f"{scripted.url}/start"))
+        status = ops.wait_state("redirected", "FailedExternal")
+        assert status["reason"] == "WebhookRedirect"
+        assert scripted.requests == [("POST", "/start")]
+        assert target.requests == []
+
+
+def test_a_huge_reply_is_a_bad_reply(ops: Ops, scripted: ScriptedServer) -> None:
+    # Valid JSON, only too long: the size alone makes it a bad reply.
+    huge = json.dumps({"id": "x", "padding": "x" * (1 << 20)})
+    scripted.replies["/start"] = Reply(202, huge)
+    ops.create("huge", _webhook(f"{scripted.url}/start"))
+    status = ops.wait_state("huge", "FailedExternal")
+    assert status["reason"] == "WebhookBadReply"
+    assert f"longer than {webhook.MAX_REPLY_BYTES} bytes" in status["message"]
+    assert status["errorInfo"] == [huge[: webhook.MAX_COPIED_CHARS]]
+    assert "x" * (webhook.MAX_COPIED_CHARS + 1) not in json.dumps(status)
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [("<html>all good</html>", "not JSON"), ('["accepted"]', "JSON that is not an object")],
+)
+def test_a_reply_that_is_not_a_json_object_is_a_bad_reply(
+    ops: Ops, scripted: ScriptedServer, body: str, why: str
+) -> None:
+    scripted.replies["/start"] = Reply(200, body)
+    ops.create("odd", _webhook(f"{scripted.url}/start"))
+    status = ops.wait_state("odd", "FailedExternal")
+    assert status["reason"] == "WebhookBadReply"
+    assert why in status["message"]
+    assert status["errorInfo"] == [body]
+    assert scripted.requests == [("POST", "/start")], "a bad reply is not retried"
+
+
+def test_a_bad_poll_reply_ends_the_attempt(ops: Ops, scripted: ScriptedServer) -> None:
+    scripted.replies["/start"] = Reply(202, '{"id": "e1"}')
+    scripted.replies["/poll/e1"] = Reply(200, "busy")
+    ops.create("polled", _webhook(f"{scripted.url}/start", pollUrl=f"{scripted.url}/poll/{{id}}"))
+    status = ops.wait_state("polled", "FailedExternal")
+    assert status["reason"] == "WebhookBadReply"
+    assert scripted.requests == [("POST", "/start"), ("GET", "/poll/e1")]

@@ -79,8 +79,29 @@ def _controller_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-events", action="store_true", help="do not post a Kubernetes Event per transition"
     )
+    parser.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[],
+        type=_webhook_allow_entry,
+        metavar="HOST|CIDR",
+        help="let webhooks call only this host name or address range (repeatable); a listed"
+        " CIDR may cover loopback or link-local addresses. Default: anywhere but loopback,"
+        " link-local, unspecified and multicast addresses. The API server: never",
+    )
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
+
+
+def _webhook_allow_entry(value: str) -> str:
+    """Validate a --webhook-allow value now, so a typo stops the CLI, not the controller."""
+    from opkeeper.executors import webhook  # the controller's import; the gateway needs none
+
+    try:
+        webhook.allow_entry(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return value
 
 
 def _controller(args: argparse.Namespace) -> int:
@@ -95,6 +116,7 @@ def _controller(args: argparse.Namespace) -> int:
         system_namespace=args.system_namespace,
         workers=args.workers,
         post_events=not args.no_events,
+        webhook_allow=tuple(args.webhook_allow),
     )
     credentials = kube.Credentials.auto(args.kubeconfig)
     asyncio.run(controller.run(settings=settings, credentials=credentials))

@@ -156,7 +156,12 @@ async def run(
         burst=settings.event_burst,
     )
     reconciler = operations.Reconciler(
-        client=client, allocator=allocator, seal=seal, settings=settings, events=poster
+        client=client,
+        allocator=allocator,
+        seal=seal,
+        settings=settings,
+        events=poster,
+        api_server=credentials.server,
     )
     tasks = scheduledtasks.Reconciler(
         client=client,

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -127,7 +128,10 @@ class Reconciler:
         seal: ids.IdSeal,
         settings: Settings,
         events: EventPoster,
+        api_server: str,
     ) -> None:
+        """``api_server`` is the URL of the controller's own credentials: no webhook may
+        call it (executors/webhook.py, ``Policy``)."""
         self._client = client
         self._ids = allocator
         self._seal = seal
@@ -135,7 +139,11 @@ class Reconciler:
         self._events = events
         self.jobs = job.JobExecutor(client)
         self._webhook = webhook.WebhookExecutor(
-            initial_delay=settings.webhook_initial_delay, max_delay=settings.webhook_max_delay
+            policy=webhook.Policy.build(
+                allow=settings.webhook_allow, api_server=api_server, environ=os.environ
+            ),
+            initial_delay=settings.webhook_initial_delay,
+            max_delay=settings.webhook_max_delay,
         )
         self._executors: Mapping[str, base.Executor] = {
             "builtin": builtin.BuiltinExecutor(),

@@ -49,5 +49,11 @@ class Settings:
     """First delay, in seconds, before re-trying a failed webhook call or polling pollUrl."""
     webhook_max_delay: float = 60.0
     """Cap, in seconds, of the doubling webhook retry/poll delay."""
+    webhook_allow: tuple[str, ...] = ()
+    """Where webhooks may connect: host names and CIDRs (``--webhook-allow``). Empty:
+    anywhere but loopback, link-local, unspecified and multicast addresses; non-empty:
+    only a listed host name or addresses inside a listed CIDR, which may then also be
+    loopback or link-local. The API server's own endpoint is refused either way: whoever
+    may create an Operation chooses its URLs and reads the replies in its status."""
     error_max_delay: float = 60.0
     """Cap, in seconds, of the backoff after a failed reconcile (API server unavailable)."""
