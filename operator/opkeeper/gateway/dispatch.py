@@ -216,7 +216,7 @@ def _struct(value: Any, what: str) -> dict[str, Any]:
 
 
 def _opid(value: Any) -> cache.OpId:
-    return cache.OpId(names.int_id(value, what="opid"))
+    return cache.OpId(names.int_id(_int(value, "opid"), what="opid"))
 
 
 # --- wire formatting ---------------------------------------------------------------
