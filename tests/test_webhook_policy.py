@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
 
 import pytest
 
-from opkeeper.executors import webhook
+from opkeeper import models
+from opkeeper.executors import base, webhook
 
 API = ("10.96.0.1", 443)
 DEFAULT = webhook.Policy(api_servers=frozenset({API}))
@@ -122,3 +124,24 @@ def test_the_resolver_refuses_a_name_that_resolves_to_a_refused_address() -> Non
     assert asyncio.run(resolve(LOOPBACK, 8080)) == ["127.0.0.1"]
     with pytest.raises(webhook.DestinationRefused, match="API server"):
         asyncio.run(resolve(LOOPBACK, 6443))
+
+
+def test_an_external_id_fills_one_segment_and_never_more() -> None:
+    """The id comes from the external system's reply; quoted, it cannot add a segment,
+    a query, a fragment or a userinfo@host part to pollUrl or cancelUrl."""
+    op = models.Operation.model_validate(
+        {
+            "metadata": {"name": "o", "namespace": "n", "uid": "u"},
+            "spec": {"type": "t", "executor": {"webhook": {"url": "http://ext.example/s"}}},
+            "status": {"executor": {"kind": "webhook", "externalId": "../../x?y=1#z@evil/"}},
+        }
+    )
+    ctx = base.Context(
+        op=op,
+        body={"metadata": {"name": "o", "namespace": "n", "uid": "u"}},
+        id=1,
+        attempt=1,
+        now=datetime.datetime.now(datetime.UTC),
+    )
+    url = webhook.WebhookExecutor._fill("http://ext.example/poll/{id}?k={key}", ctx)
+    assert url == "http://ext.example/poll/..%2F..%2Fx%3Fy%3D1%23z%40evil%2F?k=u-1"

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import socket
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -433,7 +434,11 @@ class WebhookExecutor:
     def _fill(template: str, ctx: base.Context) -> str:
         record = ctx.op.status.executor
         external = record.external_id if record and record.external_id else ""
-        return template.replace("{id}", external).replace("{key}", ctx.key)
+        # The id comes from the external system's reply: quoted, it can fill one path
+        # segment or query value but never add a segment, a query or a host.
+        return template.replace("{id}", urllib.parse.quote(external, safe="")).replace(
+            "{key}", urllib.parse.quote(ctx.key, safe="")
+        )
 
     @staticmethod
     def _interpret(reply: dict[str, Any]) -> base.Finished | None:
