@@ -70,6 +70,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body in bytes",
     )
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="connections open at once per process; more are closed at once"
+        f" (default {defaults.max_connections})",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout_seconds,
+        help="seconds a new connection may take to send its first request's headers"
+        f" (default {defaults.header_timeout_seconds:g})",
+    )
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=defaults.keepalive_timeout_seconds,
+        help="seconds an idle connection is kept open after a response"
+        f" (default {defaults.keepalive_timeout_seconds:g})",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=defaults.shutdown_timeout_seconds,
+        help="seconds requests in flight may take to finish on SIGTERM before they are"
+        f" cancelled (default {defaults.shutdown_timeout_seconds:g})",
+    )
+    parser.add_argument(
         "--executor",
         action="append",
         default=[],
@@ -103,6 +131,10 @@ def settings_from(args: argparse.Namespace) -> server.Settings:
         sessions=dataclasses.replace(auth.SessionSettings(), ttl_seconds=args.session_ttl),
         service=service.Settings(executors=server.executors_from(args.executor)),
         limits=dataclasses.replace(xmlrpc.DEFAULT_LIMITS, max_body_bytes=args.max_body),
+        max_connections=args.max_connections,
+        header_timeout_seconds=args.header_timeout,
+        keepalive_timeout_seconds=args.keepalive_timeout,
+        shutdown_timeout_seconds=args.shutdown_timeout,
     )
 
 

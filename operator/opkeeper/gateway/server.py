@@ -6,6 +6,9 @@ buffering whatever arrives), a read deadline against slow senders, the
 peer address, and metrics by dialect, method and outcome. XML-RPC clients
 expect HTTP 200 with a fault for every error, so that is what every
 /xmlrpc answer is; only a request that is not a POST gets a plain 405.
+:class:`Connections` bounds the connections themselves: how many are open,
+how long a new one may take to send its first request, how long an idle one
+is kept; a stop cancels what is still running after ``shutdown_timeout_seconds``.
 
 :class:`Gateway` wires the parts together and runs the list+watch feeds of
 Operations, ScheduledTasks and API-key Secrets plus the call log's daily
@@ -36,7 +39,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import prometheus_client
@@ -72,6 +75,24 @@ class Settings:
     read_timeout_seconds: float = 10.0
     """Longest time a request body may take to arrive (default 10 s), so a client that
     trickles bytes cannot hold a connection and a buffer forever."""
+    header_timeout_seconds: float = 10.0
+    """Longest time a new connection may take to deliver its first request line and
+    headers (default 10 s); a connection that sends nothing, or trickles its headers,
+    is closed then. Later requests on a kept-alive connection are bounded by
+    ``keepalive_timeout_seconds`` instead."""
+    keepalive_timeout_seconds: float = 15.0
+    """How long a connection is kept open after a response while no complete next
+    request arrives (default 15 s; aiohttp's own default is an hour). aiohttp cannot
+    tell an idle connection from one trickling its next headers, so this bounds both.
+    A load balancer in front should time idle connections out earlier than this."""
+    max_connections: int = 1024
+    """Connections open at once per process (default 1024); a connection beyond it is
+    closed as soon as it is accepted, so a flood of connections runs into this limit
+    rather than into the file descriptor limit or memory."""
+    shutdown_timeout_seconds: float = 5.0
+    """On SIGTERM or SIGINT, how long requests in flight may take to finish before they
+    are cancelled (default 5 s; aiohttp's default is 60 s); aiohttp then gives the
+    cancelled handlers as long again. Idle connections are closed at once."""
     purge_interval_seconds: float = 3600.0
     """How often entries older than the 30-day retention are deleted (default hourly)."""
     id_block_size: int = 100
@@ -175,6 +196,7 @@ class Gateway:
         session_key: auth.SigningKey | None = None,
     ) -> None:
         self.settings = settings
+        self.connections = Connections(settings=settings)
         self.kube = kube_client
         self.operations = cache.OperationCache()
         self.tasks = cache.TaskCache()
@@ -338,7 +360,10 @@ class Gateway:
     def app(self) -> web.Application:
         # aiohttp's own body limit stays above ours: _read_body enforces ours and answers
         # with a fault instead of aiohttp's plain 413.
-        application = web.Application(client_max_size=self.settings.limits.max_body_bytes + 1)
+        application = web.Application(
+            client_max_size=self.settings.limits.max_body_bytes + 1,
+            middlewares=[self.connections.middleware],
+        )
         application.add_routes(
             [
                 web.post("/xmlrpc", self.xmlrpc),
@@ -348,6 +373,164 @@ class Gateway:
             ]
         )
         return application
+
+
+class Connections:
+    """The bounds on one gateway process's connections.
+
+    At most ``max_connections`` are open: a connection beyond that is closed as
+    soon as it is accepted. A new connection must deliver its first request
+    line and headers within ``header_timeout_seconds``, whether it sends nothing
+    or trickles them: one timer per connection, armed when it opens and
+    cancelled by :meth:`middleware` once aiohttp hands that request to the
+    application. A kept-alive connection's later requests cost no timer (at
+    about 2,000 calls/s per core a timer per call is measurable): after a
+    response, aiohttp's keep-alive timer bounds the wait for the next request's
+    headers, and :meth:`Gateway._read_body` bounds every body.
+
+    aiohttp has no hook for either bound (a new connection that sends nothing is
+    only closed by its keep-alive timer, and only since aiohttp 3.14.4), so
+    :meth:`protocols` wraps aiohttp's protocol for each connection and
+    :class:`_BoundedSite` listens with it.
+    """
+
+    def __init__(self, *, settings: Settings) -> None:
+        self._limit = settings.max_connections
+        self._header_timeout = settings.header_timeout_seconds
+        self._first_request: dict[web.RequestHandler, asyncio.TimerHandle] = {}
+        self._next_warning = 0.0
+        self.open = 0
+        """Connections accepted and not closed yet."""
+
+    def protocols(self, server: web.Server) -> Callable[[], asyncio.BaseProtocol]:
+        """The protocol factory for ``loop.create_server``: ``server``'s protocol for
+        each accepted connection, within the bounds."""
+
+        def accept() -> asyncio.BaseProtocol:
+            if self.open >= self._limit:
+                self._warn_full()
+                return _Refused()
+            # Counted here, not in connection_made: a burst of accepts creates several
+            # protocols before the first connection_made runs.
+            self.open += 1
+            return _Bounded(server(), connections=self)
+
+        return accept
+
+    def opened(self, handler: web.RequestHandler) -> None:
+        self._first_request[handler] = asyncio.get_running_loop().call_later(
+            self._header_timeout, self._too_slow, handler
+        )
+
+    def closed(self, handler: web.RequestHandler) -> None:
+        self.open -= 1
+        timer = self._first_request.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _too_slow(self, handler: web.RequestHandler) -> None:
+        del self._first_request[handler]
+        handler.force_close()
+
+    def _warn_full(self) -> None:
+        # Once a minute at most: a flood would otherwise flood the log as well.
+        now = time.monotonic()
+        if now >= self._next_warning:
+            self._next_warning = now + 60.0
+            log.warning(
+                "%d connections open, the most max_connections allows: closing new ones",
+                self.open,
+            )
+
+    @web.middleware
+    async def middleware(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Ends the connection's first-request deadline: its headers are complete."""
+        timer = self._first_request.pop(request.protocol, None)
+        if timer is not None:
+            timer.cancel()
+        return await handler(request)
+
+
+class _Bounded(asyncio.Protocol):
+    """aiohttp's protocol for one connection, reporting its opening and closing to
+    :class:`Connections`; everything else passes straight through."""
+
+    __slots__ = ("_connections", "_handler")
+
+    def __init__(self, handler: web.RequestHandler, *, connections: Connections) -> None:
+        self._handler = handler
+        self._connections = connections
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._connections.opened(self._handler)
+        self._handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.closed(self._handler)
+        self._handler.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._handler.data_received(data)
+
+    def eof_received(self) -> None:
+        self._handler.eof_received()  # returns None: the transport closes on EOF
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond ``max_connections``: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _BoundedSite(web.BaseSite):
+    """aiohttp's ``TCPSite``, listening with :meth:`Connections.protocols` (``TCPSite``
+    hands ``loop.create_server`` the bare aiohttp server)."""
+
+    __slots__ = ("_connections", "_host", "_port", "_reuse_port", "_web_server")
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        *,
+        host: str,
+        port: int,
+        reuse_port: bool,
+        connections: Connections,
+    ) -> None:
+        super().__init__(runner)  # refuses a runner whose setup() has not run
+        assert runner.server is not None
+        self._web_server = runner.server
+        self._host = host
+        self._port = port
+        self._reuse_port = reuse_port
+        self._connections = connections
+
+    @property
+    def name(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        # BaseSite.stop() closes self._server and runner.addresses reads its sockets.
+        self._server = await asyncio.get_running_loop().create_server(
+            self._connections.protocols(self._web_server),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port,
+        )
 
 
 @contextlib.asynccontextmanager
@@ -379,22 +562,33 @@ async def running(
         id_allocator=id_allocator,
         session_key=session_key,
     )
-    if feeds:
-        gateway.start_feeds()
-        if settings.workers > 1:
-            # The kernel hands a shared port's connections to every worker bound to it,
-            # ready or not, and no /readyz can steer them: a worker binds once its
-            # caches and keys are synced, so none answers "unknown API key" meanwhile.
-            await asyncio.gather(*(event.wait() for event in gateway.synced.values()))
-    runner = web.AppRunner(gateway.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(
-        runner, host=settings.host, port=settings.port, reuse_port=settings.workers > 1
+    runner = web.AppRunner(
+        gateway.app(),
+        access_log=None,
+        keepalive_timeout=settings.keepalive_timeout_seconds,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
     )
-    await site.start()
-    port = _bound_port(runner)
-    log.info("gateway listening on %s:%d", settings.host, port)
+    # Everything after this point is undone on the way out, also when the port is taken:
+    # a gateway that cannot listen must not leave its feeds and call log behind.
     try:
+        if feeds:
+            gateway.start_feeds()
+            if settings.workers > 1:
+                # The kernel hands a shared port's connections to every worker bound to
+                # it, ready or not, and no /readyz can steer them: a worker binds once its
+                # caches and keys are synced, so none answers "unknown API key" meanwhile.
+                await asyncio.gather(*(event.wait() for event in gateway.synced.values()))
+        await runner.setup()
+        site = _BoundedSite(
+            runner,
+            host=settings.host,
+            port=settings.port,
+            reuse_port=settings.workers > 1,
+            connections=gateway.connections,
+        )
+        await site.start()
+        port = _bound_port(runner)
+        log.info("gateway listening on %s:%d", settings.host, port)
         yield gateway, port
     finally:
         await runner.cleanup()
