@@ -133,6 +133,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+        self.call_log_failures = prometheus_client.Counter(
+            "opkeeper_gateway_calllog_failures",
+            "Calls answered although their call log entry could not be stored.",
+            registry=self.registry,
+        )
         summed = self.registry
         shared = os.environ.get(MULTIPROC_DIR)
         if shared:
@@ -225,11 +230,15 @@ class Gateway:
             call_log=call_log,
             settings=settings.service,
         )
-        self.dispatcher = dispatch.Dispatcher(
-            svc=self.service, sessions=self.sessions, keyring=self.keyring, limits=settings.limits
-        )
         self.metrics = Metrics(
             cached=lambda: {"operation": len(self.operations), "scheduledtask": len(self.tasks)}
+        )
+        self.dispatcher = dispatch.Dispatcher(
+            svc=self.service,
+            sessions=self.sessions,
+            keyring=self.keyring,
+            limits=settings.limits,
+            on_log_failure=self.metrics.call_log_failures.inc,
         )
         self.synced = {name: asyncio.Event() for name in ("operations", "scheduledtasks", "keys")}
         self._tasks: list[asyncio.Task[None]] = []
