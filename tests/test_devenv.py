@@ -7,6 +7,7 @@ child started) and the tests wait for that line, never for a clock.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from opkeeper import devenv
+from opkeeper import devenv, localcluster
 from tests.helpers import wait_for
 
 IGNORES_SIGTERM = textwrap.dedent(
@@ -293,3 +294,29 @@ def test_a_component_that_dies_later_is_noticed(state_dir: pathlib.Path) -> None
     assert launch.ended() is None
     os.kill(launch.pid, signal.SIGKILL)
     assert wait_for(launch.ended, what="the process to end") == "was killed by SIGKILL"
+
+
+def test_cluster_down_stops_the_survivors_of_a_half_dead_control_plane(
+    state_dir: pathlib.Path,
+) -> None:
+    """A kube-apiserver that crashed must not leave its etcd running after `down`."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    survivor = subprocess.Popen(
+        [sys.executable, "-c", WAITS], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert survivor.stdout is not None
+        assert survivor.stdout.readline().strip() == "waiting"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "state.json").write_text(
+            json.dumps({"pids": [survivor.pid, dead.pid], "kubeconfig": "unused"})
+        )
+        assert localcluster.running(state_dir) is None
+        assert localcluster.down(state_dir)
+        survivor.wait(timeout=30)  # raises if it still runs (down may have reaped it)
+        assert not (state_dir / "state.json").exists()
+    finally:
+        if survivor.poll() is None:
+            survivor.kill()
+            survivor.wait()

@@ -545,8 +545,8 @@ def install_crds(
     )
 
 
-def running(state_dir: pathlib.Path) -> dict[str, object] | None:
-    """The state of a detached cluster in ``state_dir`` if all its processes still run."""
+def _recorded(state_dir: pathlib.Path) -> tuple[dict[str, object], list[int]] | None:
+    """The state file of a detached cluster and its pids, whether they run or not."""
     path = state_dir / "state.json"
     if not path.exists():
         return None
@@ -554,10 +554,19 @@ def running(state_dir: pathlib.Path) -> dict[str, object] | None:
     pids = state.get("pids")
     if not isinstance(pids, list):
         return None
+    return state, [int(pid) for pid in pids]
+
+
+def running(state_dir: pathlib.Path) -> dict[str, object] | None:
+    """The state of a detached cluster in ``state_dir`` if all its processes still run."""
+    recorded = _recorded(state_dir)
+    if recorded is None:
+        return None
+    state, pids = recorded
     for pid in pids:
         try:
-            os.kill(int(pid), 0)
-        except (ProcessLookupError, ValueError):
+            os.kill(pid, 0)
+        except ProcessLookupError:
             return None
     return state
 
@@ -592,16 +601,19 @@ def _stop_process(pid: int, *, grace: float = 10.0) -> None:
 
 
 def down(state_dir: pathlib.Path) -> bool:
-    """Stop a detached cluster; True if one was running."""
-    state = running(state_dir)
-    if state is None:
+    """Stop a detached cluster; True if any of its processes was running.
+
+    Every recorded process still alive is stopped, even when another one already
+    died (an etcd left behind by a crashed kube-apiserver must not outlive `down`).
+    """
+    recorded = _recorded(state_dir)
+    if recorded is None:
         return False
-    pids = state["pids"]
-    assert isinstance(pids, list)
-    for pid in reversed(pids):
-        _stop_process(int(pid))
+    alive = [pid for pid in reversed(recorded[1]) if _alive(pid)]
+    for pid in alive:
+        _stop_process(pid)
     (state_dir / "state.json").unlink(missing_ok=True)
-    return True
+    return bool(alive)
 
 
 @contextlib.contextmanager
@@ -620,6 +632,7 @@ def up(state_dir: pathlib.Path = DEFAULT_STATE_DIR) -> pathlib.Path:
     """Start a detached cluster in ``state_dir`` (or reuse a running one); return its kubeconfig."""
     state = running(state_dir)
     if state is None:
+        down(state_dir)  # what is left of a half-dead earlier cluster
         cluster = LocalCluster(state_dir=state_dir, detach=True)
         cluster.start()
         kubeconfig = cluster.kubeconfig
