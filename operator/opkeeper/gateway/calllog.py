@@ -135,7 +135,7 @@ class Entry:
     args_json: str
     """The call's arguments as JSON, credentials already redacted."""
     result_json: str
-    """The result as JSON; empty when the call failed."""
+    """The result as JSON; `null` when the call failed."""
     exception: str
     """The fault string when the call failed; empty otherwise."""
     address: str

@@ -146,7 +146,7 @@ class Dispatcher:
         if not method.logged or call.identity is None:
             return
         if fault is not None:
-            result_json = ""
+            result_json = "null"  # always JSON: a client parses every entry's result
         elif isinstance(call.logged_result, _Encoded):
             result_json = call.logged_result.result_json
         else:
