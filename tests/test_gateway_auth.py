@@ -48,8 +48,8 @@ class Sync:
     def __init__(self, sessions: auth.Sessions) -> None:
         self.sessions = sessions
 
-    def login(self, apikey: str) -> str:
-        return asyncio.run(self.sessions.login(apikey))
+    def login(self, apikey: str, *, user_id: str | None = None) -> str:
+        return asyncio.run(self.sessions.login(apikey, user_id=user_id))
 
     def resolve(self, token: str) -> auth.Identity:
         return asyncio.run(self.sessions.resolve(token))
@@ -95,6 +95,22 @@ def test_login_and_resolve() -> None:
     assert key not in token
     who = sessions.resolve(token)
     assert (who.user_id, who.tenant) == ("alice", "team-a")
+
+
+def test_gandi_login_with_user_and_key() -> None:
+    """Gandi API v1's login(login, password): the key must be the named user's, and a
+    wrong user is answered exactly like a wrong key."""
+    key = auth.new_key()
+    _, sessions, _ = make(key)
+    assert sessions.resolve(sessions.login(key, user_id="alice")).user_id == "alice"
+    with pytest.raises(errors.Unauthenticated, match=r"^unknown API key$"):
+        sessions.login(key, user_id="bob")
+    with pytest.raises(errors.Unauthenticated, match=r"^unknown API key$"):
+        sessions.login("opk_wrong", user_id="alice")
+
+
+def test_sessions_last_twelve_hours_by_default() -> None:
+    assert auth.SessionSettings().ttl_seconds == 12 * 3600
 
 
 def test_unknown_key_and_session() -> None:

@@ -183,9 +183,10 @@ class KeyRing:
 class SessionSettings:
     """How login sessions behave."""
 
-    ttl_seconds: float = 3600.0
-    """How long a session lives after login, in seconds (default one hour, a working
-    session of a script; a client logs in again when it gets an unauthenticated fault).
+    ttl_seconds: float = 12 * 3600.0
+    """How long a session lives after login, in seconds (default 12 hours, what Gandi's
+    API v1 promised its clients; a client logs in again when it gets an unauthenticated
+    fault).
     Tokens are not stored, so there is no per-key cap on live sessions: the TTL is
     what bounds a token, and revoking its key is what ends it early."""
 
@@ -237,9 +238,15 @@ class Sessions:
         self._signing_key = signing_key
         self._clock = clock
 
-    async def login(self, apikey: str) -> str:
-        """A new session for a valid key, or :class:`errors.Unauthenticated`."""
+    async def login(self, apikey: str, *, user_id: str | None = None) -> str:
+        """A new session for a valid key, or :class:`errors.Unauthenticated`; with
+        ``user_id`` (Gandi's ``login(login, password)``) the key must be that user's."""
         identity = self._keyring.lookup(apikey)
+        if user_id is not None and not hmac.compare_digest(
+            user_id.encode("utf-8"), identity.user_id.encode("utf-8")
+        ):
+            # One answer for a wrong user and a wrong key: no probing which was wrong.
+            raise errors.Unauthenticated("unknown API key")
         claims = [
             identity.key_hash,
             identity.tenant,

@@ -330,11 +330,21 @@ def _gandi_details(entry: cache.OperationEntry, *, eta_seconds: int) -> dict[str
 
 
 async def _login(d: Dispatcher, call: _Call) -> str:
-    _arity(call, low=1, high=1, signature="login(apikey)")
-    key = _str(call.params[0], "apikey")
-    token = await d.sessions.login(key)
+    """Gandi API v1's ``login(login, password[, safe])`` (login: the key's user id,
+    password: the API key; ``safe`` is accepted and changes nothing), and the shorter
+    ``login(apikey)``."""
+    _arity(call, low=1, high=3, signature="login(login, password[, safe]) or login(apikey)")
+    if len(call.params) == 1:
+        user_id, key = None, _str(call.params[0], "apikey")
+        call.logged_args = [REDACTED_KEY]
+    else:
+        user_id = _str(call.params[0], "login")
+        key = _str(call.params[1], "password")
+        if len(call.params) == 3 and not isinstance(call.params[2], bool):
+            raise xmlrpc.BadParams("safe must be a boolean")
+        call.logged_args = [user_id, REDACTED_KEY, *call.params[2:]]
+    token = await d.sessions.login(key, user_id=user_id)
     call.identity = d.keyring.lookup(key)
-    call.logged_args = [REDACTED_KEY]
     call.logged_result = REDACTED_SESSION
     return token
 
