@@ -25,8 +25,8 @@ import kubernetes
 import pytest
 
 from opkeeper.gateway import auth, server
+from tests.gateway_support import RunningGateway, gateway_in_thread, make_key
 from tests.helpers import wait_for
-from tests.test_gateway_cluster import RunningGateway, gateway_in_thread, make_key
 
 pytestmark = pytest.mark.cluster
 

@@ -1,0 +1,1702 @@
+"""The hostile-input suite's library: what every gateway dialect must withstand, and the
+one adapter per dialect that tells the suite how to speak that dialect.
+
+``tests/test_hostile.py`` runs the same tests for every class in its
+``ADAPTERS`` list: hostile names and ids through every method that takes
+one, a cross-tenant matrix over every method, free-form values of every
+type, worst-case bodies under a CPU budget, oversized and slow bodies, and a
+property-based fuzz of the decoder (in-process and over HTTP). A dialect
+added later (XenAPI at ``/xenapi``, CloudStack at ``/client/api``, BDOM REST
+at ``/bdom/task/...``) plugs in with one :class:`DialectAdapter` subclass
+added to ``ADAPTERS``; nothing in the tests knows a dialect.
+
+What an adapter provides, and why the suite needs it:
+
+* :meth:`DialectAdapter.client`: a logged-in client for a tenant (a Gandi
+  session, Basic auth for gocept, a XenAPI session, a CloudStack key pair).
+* :meth:`DialectAdapter.probes`: every method that takes a name or an id,
+  and how to call it with one hostile value in that place.
+* :meth:`DialectAdapter.matrix`: every method, reading and writing, aimed
+  at the other tenant's ids and names, with what a correct answer is.
+* :meth:`DialectAdapter.store_probes`: every place that stores free-form
+  data, written with a value of each standard type and read back.
+* :meth:`DialectAdapter.raw_request` and :meth:`DialectAdapter.classify`:
+  how to post a body no client library would send, and how to tell a
+  well-formed answer from a well-formed protocol error (and its class) from
+  a broken reply (a 5xx, a dropped connection, a reply the protocol's own
+  clients could not parse).
+* :meth:`DialectAdapter.worst_case_bodies`, :meth:`DialectAdapter.body`,
+  :meth:`DialectAdapter.check_decoder` and :meth:`DialectAdapter.fuzz_bodies`:
+  the dialect's bodies for the cost, size and fuzz tests.
+
+Answers are compared by class (:data:`ErrorClass`), never by a dialect's
+code, so the assertions read the same for a faultCode, a XenAPI
+ErrorDescription or a CloudStack errorcode.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import dataclasses
+import datetime
+import http.client
+import re
+import select
+import socket
+import sqlite3
+import uuid
+import xml.parsers.expat
+import xmlrpc.client
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
+
+import kubernetes
+from hypothesis import strategies as st
+
+from opkeeper import GROUP, VERSION
+from opkeeper.gateway import faults
+from opkeeper.gateway import xmlrpc as codec
+from tests.gateway_support import RunningGateway, make_key, other_namespace
+from tests.helpers import wait_for
+
+# --- answers ------------------------------------------------------------------------
+
+ErrorClass = Literal[
+    "bad_argument",  # the request or a value in it is wrong: malformed, wrong type, bad name
+    "not_found",
+    "unauthenticated",
+    "forbidden",
+    "too_large",  # the body is over the size limit
+    "limit",  # the body is refused for its shape: too deep, too many elements, a DTD
+    "unknown_method",
+    "state",  # a conflict, or a transition the state machine refuses
+    "server",  # the server's fault: internal error, unrepresentable answer, unavailable
+]
+"""What kind of error an answer is, whatever the dialect's own code for it."""
+CLIENT_ERRORS: frozenset[str] = frozenset(
+    {
+        "bad_argument",
+        "not_found",
+        "unauthenticated",
+        "forbidden",
+        "too_large",
+        "limit",
+        "unknown_method",
+        "state",
+    }
+)
+"""Every class that blames the request, not the server."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Answer:
+    """One reply, classified: a well-formed answer, a well-formed protocol error, or broken."""
+
+    outcome: Literal["ok", "error", "broken"]
+    value: Any = None
+    """The decoded result of an ``ok`` answer."""
+    error: ErrorClass | None = None
+    code: str = ""
+    """The dialect's own code (faultCode, ErrorDescription[0], errorcode, HTTP status)."""
+    text: str = ""
+    """The error's text, or what was broken."""
+
+    @property
+    def client_error(self) -> bool:
+        return self.outcome == "error" and self.error in CLIENT_ERRORS
+
+    @property
+    def empty(self) -> bool:
+        """An ``ok`` answer that carries nothing (a search that matched nothing)."""
+        return self.outcome == "ok" and self.value in ([], {}, (), "")
+
+    def describe(self) -> str:
+        if self.outcome == "ok":
+            return f"ok {_short(self.value)}"
+        return f"{self.outcome} {self.error or ''} [{self.code}] {_short(self.text)}"
+
+
+def _short(value: object, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
+
+
+# --- the hostile table -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hostile:
+    label: str
+    value: object
+
+
+def hostile_values(*, victim_namespace: str, victim_id: int, own_id: int) -> list[Hostile]:
+    """Every hostile name and id, sent through every parameter that takes a name or an id
+    (a name where an id is expected is hostile too, and the other way round).
+
+    ``own_id`` is the id of the caller's ``shared-1``: as a double or a boolean it equals
+    the id in Python (``11.0 == 11``, ``True == 1``) but is not an id on the wire."""
+    names: list[tuple[str, str]] = [
+        ("dot", "."),
+        ("dotdot", ".."),
+        ("dotdot-x", "../x"),
+        ("traversal-to-victim", f"../../{victim_namespace}/operations/victim"),
+        ("traversal-to-victim-status", f"../../{victim_namespace}/operations/victim/status"),
+        (
+            "encoded-traversal",
+            f"..%2F..%2F{victim_namespace}%2Foperations%2Fvictim",
+        ),
+        ("dot-encoded", "%2e%2e"),
+        ("slash", "a/b"),
+        ("encoded-slash", "%2F"),
+        ("encoded-slash-inside", "a%2Fb"),
+        ("backslash", "\\"),
+        ("backslash-inside", "a\\b"),
+        ("question-mark", "?"),
+        ("query", "x?watch=true"),
+        ("query-dry-run", "victim?dryRun=All"),
+        ("hash", "#"),
+        ("fragment", "x#y"),
+        ("300-chars", "a" * 300),
+        ("empty", ""),
+        ("space", "op 1"),
+        ("cyrillic-lookalike", "\u043e\u0440-1"),  # "op-1" with Cyrillic o and er
+        ("fullwidth", "\uff4f\uff50"),  # "op" in fullwidth letters
+        ("zero-width-space", "op\u200b1"),
+        ("uppercase", "OP-1"),
+        ("leading-dash", "-op"),
+        ("trailing-dash", "op-"),
+        ("label-selector", "a,b=c"),
+        ("wildcard", "*"),
+        ("percent-nul", "%00"),
+        # Characters XML 1.0 cannot carry reach an XML dialect as a malformed body (the
+        # client library sends them raw); other dialects get them as they are.
+        ("nul", "\x00"),
+        ("nul-inside", "op\x00victim"),
+        ("escape", "\x1b[2J"),
+        ("tab", "op\t1"),
+        ("newline", "op-1\n"),
+        ("header-injection", "x\r\nX-Injected: 1"),
+        ("del", "\x7f"),
+    ]
+    ids: list[tuple[str, object]] = [
+        ("id-0", 0),
+        ("id-minus-1", -1),
+        ("id-min-int32", -(2**31)),
+        ("id-max-int32-not-found", 2**31 - 1),
+        ("id-of-the-victim", victim_id),
+        ("id-as-string", "123"),
+        ("victim-id-as-string", str(victim_id)),
+        ("id-true", True),
+        ("id-false", False),
+        ("id-double", 1.5),
+        ("own-id-as-double", float(own_id)),
+        ("own-id-as-string", str(own_id)),
+    ]
+    return [Hostile(label=k, value=v) for k, v in [*names, *ids]]
+
+
+def free_form_values() -> list[Hostile]:
+    """Every standard XML-RPC type, at its edges, for the places that store free-form data
+    (params, object references): each is refused as the client's fault, or stored and then
+    read back without a server-side error."""
+    nested: object = "leaf"
+    for _ in range(28):  # with the call's own nesting, just within the depth limit
+        nested = {"n": nested}
+    return [
+        Hostile(label=k, value=v)
+        for k, v in [
+            ("base64-with-nul", xmlrpc.client.Binary(b"\x00\x01")),
+            ("base64-utf8-text", xmlrpc.client.Binary(b"hello")),
+            ("base64-not-utf8", xmlrpc.client.Binary(b"\xff\xfe")),
+            ("base64-empty", xmlrpc.client.Binary(b"")),
+            ("datetime", xmlrpc.client.DateTime(datetime.datetime(2020, 1, 1))),
+            ("datetime-year-1", xmlrpc.client.DateTime(datetime.datetime(1, 1, 1))),
+            ("double", 1.5),
+            ("double-huge", 1e308),
+            ("double-negative-zero", -0.0),
+            ("int-max", 2**31 - 1),
+            ("int-min", -(2**31)),
+            ("boolean", True),
+            ("empty-string", ""),
+            ("empty-member-name", {"": 1}),
+            ("empty-array", []),
+            ("mixed-array", [1, "a", {}, [], False]),
+            ("nested-28-deep", nested),
+            ("replacement-character", "\ufffd"),
+            ("carriage-return", "a\rb"),
+            ("astral-character", "\U0001f600"),
+            ("string-64KiB", "x" * 65536),
+        ]
+    ]
+
+
+# Independent of opkeeper.names on purpose: which values are legitimate for a parameter
+# (and so not sent as hostile) must not be decided by the code under test.
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_OPERATION_TYPE = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def valid_name(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 253 and bool(_DNS_SUBDOMAIN.fullmatch(value))
+
+
+def valid_label_value(value: object) -> bool:
+    return value == "" or (
+        isinstance(value, str) and len(value) <= 63 and bool(_LABEL_VALUE.fullmatch(value))
+    )
+
+
+def valid_label_key(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    prefix, slash, name = value.rpartition("/")
+    return (not slash or valid_name(prefix)) and name != "" and valid_label_value(name)
+
+
+def valid_operation_type(value: object) -> bool:
+    """The Operation model's rule for ``spec.type``: a type is a token, not a name, so
+    ``..`` or ``OP-1`` are fine types (they never reach a path)."""
+    return isinstance(value, str) and len(value) <= 128 and bool(_OPERATION_TYPE.fullmatch(value))
+
+
+def not_a_string(value: object) -> bool:
+    """Struct member names can only be strings on the wire."""
+    return not isinstance(value, str)
+
+
+def never(value: object) -> bool:
+    return False
+
+
+# --- the two tenants ---------------------------------------------------------------------
+
+OPERATION_STATES: Mapping[str, str | None] = {
+    "shared-1": None,  # Pending: no status yet
+    "shared-wait": "WaitingExternal",
+    "shared-done": "Succeeded",
+    "shared-failed": "FailedExternal",
+}
+"""Operations both tenants have, under the same names (look-alike data)."""
+VICTIM_ONLY_STATES: Mapping[str, str | None] = {
+    "victim": "WaitingExternal",
+    "only-b-wait": "WaitingExternal",
+    "only-b-failed": "FailedExternal",
+    "only-b-done": "Succeeded",
+}
+"""Operations only the victim has (names the attacker can try to create or delete)."""
+DOOMED = "shared-doomed"
+"""An operation both tenants have, which the matrix deletes from the attacker's side."""
+SHARED_TASKS = ("nightly", "doomed-task")
+VICTIM_ONLY_TASKS = ("only-b-task",)
+OBJECT = {"kind": "domain", "name": "example.org"}
+"""The same object on both sides, so a query by object must still keep them apart."""
+OPERATION_TYPE = "domain_transfer"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Tenant:
+    namespace: str
+    key: str
+    marker: str
+    """A unique string in the params, status and results of every object of this tenant:
+    found in another tenant's answer, it is a leak."""
+    ids: Mapping[str, int]
+    """Operation name -> id."""
+    tasks: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.ids)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class World:
+    """Two tenants with look-alike data, behind one running gateway."""
+
+    api: kubernetes.client.ApiClient
+    gateway: RunningGateway
+    attacker: Tenant
+    victim: Tenant
+    """Holds ``victim``, the object the traversal names aim at."""
+
+    @property
+    def namespaces(self) -> tuple[str, str]:
+        return self.attacker.namespace, self.victim.namespace
+
+
+def build_world(api: kubernetes.client.ApiClient, gw: RunningGateway) -> World:
+    """Create both tenants: keys, operations in every interesting state, tasks.
+
+    Objects are created through the gateway's gocept ``apply`` (so they carry
+    sealed ids from the shared allocator, as a tenant's would) and their states
+    set through the status subresource, as a worker would; no controller runs.
+    """
+    shared = {**OPERATION_STATES, DOOMED: "Succeeded"}
+    attacker = build_tenant(api, gw, prefix="hostile-a", operations=shared, tasks=SHARED_TASKS)
+    victim = build_tenant(
+        api,
+        gw,
+        prefix="hostile-b",
+        operations={**shared, **VICTIM_ONLY_STATES},
+        tasks=(*SHARED_TASKS, *VICTIM_ONLY_TASKS),
+    )
+    return World(api=api, gateway=gw, attacker=attacker, victim=victim)
+
+
+def build_tenant(
+    api: kubernetes.client.ApiClient,
+    gw: RunningGateway,
+    *,
+    prefix: str,
+    operations: Mapping[str, str | None],
+    tasks: tuple[str, ...],
+) -> Tenant:
+    """A namespace, a key, and the named operations (in the given states) and tasks."""
+    namespace = other_namespace(api, prefix=prefix)
+    key = make_key(api, gw, namespace)
+    marker = f"marker-{uuid.uuid4().hex}"
+    records: list[dict[str, Any]] = [
+        {
+            "__type__": "operation",
+            "name": name,
+            "type": OPERATION_TYPE,
+            "params": {"marker": marker, "auth_code": f"secret-{marker}"},
+            "object": OBJECT,
+        }
+        for name in operations
+    ]
+    records += [
+        {
+            "__type__": "scheduledtask",
+            "name": name,
+            "schedule": "0 3 * * *",
+            "suspend": True,
+            "template": {"type": OPERATION_TYPE, "params": {"marker": marker}},
+        }
+        for name in tasks
+    ]
+    created = cast(list[dict[str, Any]], gw.gocept(key).apply(records))
+    ids = {r["name"]: int(r["id"]) for r in created if r["__type__"] == "operation"}
+    custom = kubernetes.client.CustomObjectsApi(api)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for name, state in operations.items():
+        if state is None:
+            continue
+        status: dict[str, Any] = {"state": state, "message": f"{state} {marker}", "updatedAt": now}
+        if state == "Succeeded":
+            status |= {"progress": 100, "finishedAt": now, "result": {"type": "t", "value": marker}}
+        elif state == "FailedExternal":
+            status |= {"finishedAt": now, "errorCode": 7, "errorInfo": [marker]}
+        custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, "operations", name, {"status": status}
+        )
+
+    def cached() -> bool:
+        for name, state in operations.items():
+            entry = gw.gateway.operations.get(namespace, name)
+            if entry is None or entry.state.value != (state or "Pending"):
+                return False
+        return all(gw.gateway.tasks.get(namespace, name) is not None for name in tasks)
+
+    wait_for(cached, what=f"{namespace}'s objects in the gateway's cache")
+    return Tenant(namespace=namespace, key=key, marker=marker, ids=ids, tasks=tasks)
+
+
+def snapshot(api: kubernetes.client.ApiClient, namespace: str) -> dict[tuple[str, str], str]:
+    """Every Operation and ScheduledTask of a namespace with its resourceVersion."""
+    custom = kubernetes.client.CustomObjectsApi(api)
+    out: dict[tuple[str, str], str] = {}
+    for plural in ("operations", "scheduledtasks"):
+        listed: Any = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+        for item in listed["items"]:
+            out[(plural, item["metadata"]["name"])] = item["metadata"]["resourceVersion"]
+    return out
+
+
+def object_counts(api: kubernetes.client.ApiClient) -> dict[str, int]:
+    """Operations and ScheduledTasks in the whole cluster (nothing may appear anywhere)."""
+    custom = kubernetes.client.CustomObjectsApi(api)
+    counts: dict[str, int] = {}
+    for plural in ("operations", "scheduledtasks"):
+        listed: Any = custom.list_cluster_custom_object(GROUP, VERSION, plural)
+        counts[plural] = len(listed["items"])
+    return counts
+
+
+def call_log_count(gw: RunningGateway, tenant: str) -> int:
+    """Entries in a tenant's call log, read from the store itself (read-only), so the
+    check does not depend on any dialect's ``log`` method."""
+    path = gw.settings.call_log_path
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        (count,) = db.execute("SELECT count(*) FROM calls WHERE tenant = ?", (tenant,)).fetchone()
+    return int(count)
+
+
+# --- probes and the matrix -------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Probe(Generic[C]):
+    """One method's name or id parameter, and how to put a hostile value there."""
+
+    method: str
+    what: str
+    """Which argument (for test ids and messages)."""
+    run: Callable[[C, object], Answer]
+    search: bool = False
+    """A search: an empty answer is as correct as a not-found error."""
+    skip: Callable[[object], bool] = never
+    """Values that are legitimate here (an ``OP-1`` operation type) or that the wire
+    cannot carry in this place (a non-string struct key); they are not sent."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-{self.what}".replace(" ", "-")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MatrixCase(Generic[C]):
+    """One method called by the attacker against the victim's ids or names."""
+
+    method: str
+    what: str
+    writes: bool
+    run: Callable[[C, World], list[Answer]]
+    expect: Callable[[list[Answer], World], list[str]]
+    """Problems with the answers beyond the generic checks (the victim's marker and ids
+    absent, the victim's objects and call log unchanged, nothing broken)."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-{self.what}".replace(" ", "-")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoreProbe(Generic[C]):
+    """One place that stores free-form data: write a value there, then read it back."""
+
+    method: str
+    what: str
+    run: Callable[[C, Tenant, object], list[Answer]]
+    """The answers of the write and (if it was accepted) of the read."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-{self.what}".replace(" ", "-")
+
+
+STORE_TENANT_OPERATIONS: Mapping[str, str | None] = {"relaunchable": "FailedExternal"}
+"""What the free-form tenant starts with: an operation a relaunch may target."""
+
+
+def expect_errors(*classes: str) -> Callable[[list[Answer], World], list[str]]:
+    def check(answers: list[Answer], world: World) -> list[str]:
+        return [
+            f"answer {i}: expected an error of class {'/'.join(classes)}, got {a.describe()}"
+            for i, a in enumerate(answers)
+            if not (a.outcome == "error" and a.error in classes)
+        ]
+
+    return check
+
+
+def expect_ok_or_errors(*classes: str) -> Callable[[list[Answer], World], list[str]]:
+    def check(answers: list[Answer], world: World) -> list[str]:
+        return [
+            f"answer {i}: expected ok or an error of class {'/'.join(classes)}, got {a.describe()}"
+            for i, a in enumerate(answers)
+            if not (a.outcome == "ok" or (a.outcome == "error" and a.error in classes))
+        ]
+
+    return check
+
+
+def expect_empty(answers: list[Answer], world: World) -> list[str]:
+    return [
+        f"answer {i}: expected an empty answer, got {a.describe()}"
+        for i, a in enumerate(answers)
+        if not a.empty
+    ]
+
+
+# --- raw HTTP ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RawRequest:
+    method: str = "POST"
+    path: str
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    body: bytes = b""
+
+    def head(self, port: int, *, content_length: int | None = None, chunked: bool = False) -> bytes:
+        """Request line and headers; ``content_length`` overrides the body's length."""
+        lines = [f"{self.method} {self.path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+        lines += [f"{k}: {v}" for k, v in self.headers.items()]
+        if chunked:
+            lines.append("Transfer-Encoding: chunked")
+        else:
+            length = len(self.body) if content_length is None else content_length
+            lines.append(f"Content-Length: {length}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RawReply:
+    status: int = 0
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Lower-cased names."""
+    body: bytes = b""
+    error: str | None = None
+    """What went wrong on the connection (dropped, reset, timed out); None if a reply came."""
+
+
+def connect(port: int, *, timeout: float = 30.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def read_reply(sock: socket.socket) -> RawReply:
+    response = http.client.HTTPResponse(sock)
+    try:
+        response.begin()
+        body = response.read()
+    except (http.client.HTTPException, OSError) as exc:
+        return RawReply(error=repr(exc))
+    headers = {k.lower(): v for k, v in response.getheaders()}
+    return RawReply(status=response.status, headers=headers, body=body)
+
+
+def exchange(port: int, request: RawRequest, *, timeout: float = 30.0) -> RawReply:
+    """Send one request on a fresh connection and read the reply, whatever it is."""
+    with connect(port, timeout=timeout) as sock:
+        try:
+            sock.sendall(request.head(port))
+            body = memoryview(request.body)
+            for start in range(0, len(body), 64 * 1024):
+                # A server that refuses early (an oversized body) answers and closes
+                # without reading the rest; stop sending then, or the unread bytes make
+                # its kernel reset the connection before the answer is read.
+                if readable(sock, 0):
+                    break
+                sock.sendall(body[start : start + 64 * 1024])
+        except OSError:
+            pass  # closed while sending: the reply (or its absence) tells the rest
+        return read_reply(sock)
+
+
+def readable(sock: socket.socket, within: float) -> bool:
+    """Whether the peer has sent something (or closed) within ``within`` seconds."""
+    ready, _, _ = select.select([sock], [], [], within)
+    return bool(ready)
+
+
+def closed_by_peer(sock: socket.socket, *, within: float) -> bool:
+    """Whether the server closes the connection within ``within`` seconds (EOF or reset)."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+# --- the adapter interface ----------------------------------------------------------------
+
+
+class DialectAdapter(abc.ABC, Generic[C]):
+    """How the suite speaks one dialect. A new dialect subclasses this once."""
+
+    name: ClassVar[str]
+    """Short name (test ids)."""
+    methods: ClassVar[tuple[str, ...]]
+    """Every method of the dialect (the fuzz calls them; the matrix covers each)."""
+
+    def __init__(self, gateway: RunningGateway) -> None:
+        self.gateway = gateway
+
+    @abc.abstractmethod
+    def client(self, tenant: Tenant) -> C:
+        """A logged-in client for ``tenant``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def probes(cls) -> Sequence[Probe[C]]:
+        """Every method that takes a name or an id, once per such argument."""
+
+    @classmethod
+    @abc.abstractmethod
+    def matrix(cls) -> Sequence[MatrixCase[C]]:
+        """Every method, aimed at the victim's ids and names."""
+
+    @classmethod
+    @abc.abstractmethod
+    def store_probes(cls) -> Sequence[StoreProbe[C]]:
+        """Every method that stores free-form data (params, object references), once per
+        such argument, writing a value and reading the object back. They run as a tenant of
+        their own (:data:`STORE_TENANT_OPERATIONS`): what they store may break its reads."""
+
+    @abc.abstractmethod
+    def foreign_ids(self, answer: Answer, victim: Tenant) -> set[object]:
+        """The victim's ids that appear in ``answer`` as ids (not as echoed arguments)."""
+
+    @abc.abstractmethod
+    def raw_request(self, body: bytes, tenant: Tenant | None) -> RawRequest:
+        """The request that posts ``body`` to the dialect's endpoint, authenticated as
+        ``tenant`` if the dialect authenticates outside the body."""
+
+    @abc.abstractmethod
+    def classify(self, reply: RawReply) -> Answer:
+        """A raw reply as an answer, an error of some class, or broken."""
+
+    @classmethod
+    @abc.abstractmethod
+    def worst_case_bodies(cls) -> Mapping[str, Callable[[], bytes]]:
+        """Bodies of every costly kind (numbers, dates, strings, deep, wide), built on
+        demand (each is up to the body limit), each to be refused as the client's fault."""
+
+    @classmethod
+    @abc.abstractmethod
+    def body(cls, *, padding: int = 0) -> bytes:
+        """An ordinary request body of this dialect, ``padding`` bytes larger than it
+        needs to be (the oversized and slow tests)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def check_decoder(cls, body: bytes) -> None:
+        """Run the dialect's decoder in-process on ``body``; raise AssertionError (or let
+        anything unplanned escape) unless it is decoded or refused as the client's fault."""
+
+    @abc.abstractmethod
+    def fuzz_seeds(self, world: World) -> Sequence[tuple[str, tuple[Any, ...]]]:
+        """Valid calls (method, arguments) for ``world.attacker``, the fuzz's starting points."""
+
+    @classmethod
+    @abc.abstractmethod
+    def fuzz_bodies(cls, seeds: Sequence[tuple[str, tuple[Any, ...]]]) -> st.SearchStrategy[bytes]:
+        """Generated bodies: mutations of valid calls and random calls."""
+
+
+# --- XML-RPC dialects -------------------------------------------------------------------
+
+_XMLRPC_CLASSES: Mapping[int, ErrorClass] = {
+    -32700: "bad_argument",
+    -32600: "bad_argument",
+    -32602: "bad_argument",
+    400: "bad_argument",
+    -32701: "limit",
+    -32703: "limit",
+    -32702: "too_large",
+    -32601: "unknown_method",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    409: "state",
+    422: "state",
+}
+"""faultCode -> class (docs/faults.md); anything else (-32603, -32604, 500, 503) is the
+server's fault."""
+
+
+def fault_answer(code: object, text: object) -> Answer:
+    if not isinstance(code, int) or isinstance(code, bool) or not isinstance(text, str):
+        return Answer(outcome="broken", text=f"malformed fault {code!r} {text!r}")
+    return Answer(
+        outcome="error", error=_XMLRPC_CLASSES.get(code, "server"), code=str(code), text=text
+    )
+
+
+def invoke(proxy: xmlrpc.client.ServerProxy, method: str, *args: Any) -> Answer:
+    """Call ``method`` with Python's own client; whatever happens becomes an Answer."""
+    try:
+        value = getattr(proxy, method)(*args)
+    except xmlrpc.client.Fault as fault:
+        return fault_answer(fault.faultCode, fault.faultString)
+    except xmlrpc.client.ProtocolError as exc:
+        return Answer(outcome="broken", code=f"HTTP {exc.errcode}", text=str(exc.errmsg))
+    except (
+        OSError,
+        http.client.HTTPException,
+        xml.parsers.expat.ExpatError,
+        xmlrpc.client.ResponseError,
+    ) as exc:
+        return Answer(outcome="broken", text=repr(exc))
+    return Answer(outcome="ok", value=value)
+
+
+def classify_xmlrpc(reply: RawReply) -> Answer:
+    """XML-RPC answers every call with HTTP 200 and text/xml, a fault included."""
+    if reply.error is not None:
+        return Answer(outcome="broken", text=f"connection: {reply.error}")
+    if reply.status != 200:
+        return Answer(outcome="broken", code=f"HTTP {reply.status}", text=_short(reply.body))
+    if not reply.headers.get("content-type", "").startswith("text/xml"):
+        return Answer(outcome="broken", text=f"content type {reply.headers.get('content-type')}")
+    try:
+        params, _ = xmlrpc.client.loads(reply.body)
+    except xmlrpc.client.Fault as fault:
+        return fault_answer(fault.faultCode, fault.faultString)
+    except Exception as exc:  # whatever the reference client cannot parse is broken
+        return Answer(outcome="broken", text=f"not XML-RPC: {exc!r}")
+    if len(params) != 1:
+        return Answer(outcome="broken", text=f"{len(params)} params in a methodResponse")
+    return Answer(outcome="ok", value=params[0])
+
+
+def xmlrpc_ids(value: object) -> set[object]:
+    """Ids in an XML-RPC answer: a list of ints (a list of ids) or ``id`` members."""
+    found: set[object] = set()
+    if isinstance(value, list):
+        found |= {v for v in value if isinstance(v, int) and not isinstance(v, bool)}
+        for item in value:
+            found |= xmlrpc_ids(item)
+    elif isinstance(value, dict):
+        if "id" in value:
+            found.add(value["id"])
+        for item in value.values():
+            if isinstance(item, dict | list):
+                found |= xmlrpc_ids(item)
+    return found
+
+
+def _param(value_xml: bytes) -> bytes:
+    return b"<param>" + value_xml + b"</param>"
+
+
+def xmlrpc_worst_case_bodies(
+    wrap: Callable[[bytes], bytes], *, limit: int
+) -> dict[str, Callable[[], bytes]]:
+    """The costly kinds for any XML-RPC dialect, each built only when asked for (most are
+    about ``limit`` bytes). ``wrap`` puts one ``<value>`` into a call of the dialect.
+    Each is refused as the client's fault; only the 50,000-member struct is over
+    ``limit`` (50,000 distinct members do not fit into 1 MiB)."""
+    room = limit - 1024  # what the dialect's wrapper leaves
+    depth = codec.DEFAULT_LIMITS.max_depth + 1
+    fit = room // len(b"<member><name>xxxxx</name><value/></member>")
+
+    def numbers(tag: bytes, text: bytes) -> bytes:
+        return b"<value><%s>%s</%s></value>" % (tag, text, tag)
+
+    values: dict[str, Callable[[], bytes]] = {
+        # numbers: each must be refused by length before any pattern or int() runs
+        "int-1MiB-of-digits": lambda: numbers(b"int", b"1" * room),
+        "int-5000-digits-past-pythons-limit": lambda: numbers(b"int", b"9" * 5000),
+        "double-1MiB-of-digits": lambda: numbers(b"double", b"1" * room),
+        "double-16000-digits-then-a-non-digit": lambda: numbers(b"double", b"1" * 16_000 + b"x"),
+        "double-1MiB-of-digits-and-a-dot": lambda: numbers(b"double", b"1" * room + b"."),
+        # dates
+        "datetime-1MiB": lambda: numbers(b"dateTime.iso8601", b"1" * room),
+        "datetime-offset-+99:00": lambda: numbers(b"dateTime.iso8601", b"20060101T00:00:00+99:00"),
+        "datetime-year-0001-+01:00": lambda: numbers(
+            b"dateTime.iso8601", b"00010101T00:00:00+01:00"
+        ),
+        "datetime-year-9999--01:00": lambda: numbers(
+            b"dateTime.iso8601", b"99991231T23:59:59-01:00"
+        ),
+        # strings
+        "string-1MiB": lambda: numbers(b"string", b"Q" * room),
+        "untyped-string-1MiB": lambda: b"<value>" + b"Q" * room + b"</value>",
+        "base64-1MiB": lambda: numbers(b"base64", b"QUFB" * (room // 4)),
+        "character-references-1MiB": lambda: numbers(b"string", b"&#x51;" * (room // 6)),
+        "invalid-utf8-1MiB": lambda: numbers(b"string", b"\xff" * room),
+        "member-name-1MiB": lambda: (
+            b"<value><struct><member><name>" + b"n" * room + b"</name><value>1</value>"
+            b"</member></struct></value>"
+        ),
+        "element-name-1MiB": lambda: b"<value><" + b"e" * room + b"/></value>",
+        "attributes-1MiB": lambda: (
+            b"<value " + b" ".join(b"a%d='x'" % i for i in range(room // 12)) + b"><int>x</int>"
+            b"</value>"
+        ),
+        "whitespace-1MiB-inside-a-struct": lambda: (
+            b"<value><struct>" + b" " * room + b"</struct></value>"
+        ),
+        # deep
+        "deep-20000-unclosed-arrays": lambda: b"<value><array><data>" * 20_000,
+        "deep-just-past-the-limit": lambda: (
+            b"<value><array><data>" * depth + b"</data></array></value>" * depth
+        ),
+        "deep-structs": lambda: b"<value><struct><member><name>m</name>" * 10_000,
+        # wide
+        "wide-130000-empty-values": lambda: (
+            b"<value><array><data>" + b"<value/>" * (room // 8) + b"</data></array></value>"
+        ),
+        "wide-38000-ints": lambda: (
+            b"<value><array><data>"
+            + b"<value><int>1</int></value>" * (room // 27)
+            + b"</data></array></value>"
+        ),
+        "struct-50000-members-over-the-size-limit": lambda: (
+            b"<value><struct>"
+            + b"".join(b"<member><name>%x</name><value/></member>" % i for i in range(50_000))
+            + b"</struct></value>"
+        ),
+        f"struct-{fit}-members": lambda: (
+            b"<value><struct>"
+            + b"".join(b"<member><name>%05x</name><value/></member>" % i for i in range(fit))
+            + b"</struct></value>"
+        ),
+        "struct-duplicate-members": lambda: (
+            b"<value><struct>"
+            + b"<member><name>m</name><value/></member>" * (room // 38)
+            + b"</struct></value>"
+        ),
+    }
+
+    def wrapped(build: Callable[[], bytes]) -> Callable[[], bytes]:
+        return lambda: wrap(build())
+
+    return {kind: wrapped(build) for kind, build in values.items()}
+
+
+# --- fuzz strategies ------------------------------------------------------------------
+
+_I4 = st.integers(min_value=codec.I4_MIN, max_value=codec.I4_MAX)
+_SCALARS: st.SearchStrategy[Any] = st.one_of(
+    _I4,
+    st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=30),
+    st.binary(max_size=20).map(xmlrpc.client.Binary),
+    st.datetimes(
+        min_value=datetime.datetime(1, 1, 1), max_value=datetime.datetime(9999, 12, 31)
+    ).map(xmlrpc.client.DateTime),
+)
+xmlrpc_values: st.SearchStrategy[Any] = st.recursive(
+    _SCALARS,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+"""Random XML-RPC value trees, as ``xmlrpc.client.dumps`` writes them."""
+
+_SCALAR_TEXTS: st.SearchStrategy[str] = st.one_of(
+    st.text(max_size=40),
+    st.from_regex(r"[+-]?[0-9]{0,80}(\.[0-9]{0,40})?([eE][+-]?[0-9]{1,6})?", fullmatch=True),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "1e309",
+            "-1e309",
+            "nan",
+            "inf",
+            "0x10",
+            "2147483648",
+            "-2147483649",
+            "9" * 5000,
+            "1" * 70,
+            "20060101T00:00:00+99:00",
+            "00010101T00:00:00+01:00",
+            "99991231T23:59:59-01:00",
+            "20061301T00:00:00",
+            "2006-02-30",
+            "====",
+            "AAA",
+            "..",
+            "../../x",
+        ]
+    ),
+)
+_TAGS = (
+    b"<value>",
+    b"</value>",
+    b"<value/>",
+    b"<struct>",
+    b"</struct>",
+    b"<array><data>",
+    b"</data></array>",
+    b"<member><name>m</name>",
+    b"<i8>1</i8>",
+    b"<nil/>",
+    b"<int>",
+    b"</int>",
+    b"<double>1e999</double>",
+    b"<boolean>2</boolean>",
+    b"<dateTime.iso8601>x</dateTime.iso8601>",
+    b"<base64>!</base64>",
+    b'<!DOCTYPE m [<!ENTITY e "x">]>',
+    b"&e;",
+    b"&#0;",
+    b"&#x1F;",
+    b"&amp;",
+    b"<![CDATA[<]]>",
+    b"<?pi x?>",
+    b"<!-- c -->",
+    b'<ex:nil xmlns:ex="http://ws.apache.org/xmlrpc/namespaces/extensions"/>',
+    b"<methodName>login</methodName>",
+    b"<params>",
+    b"</params>",
+    b"\xff\xfe",
+    b"\x00",
+)
+_SCALAR_ELEMENT = re.compile(
+    rb"<(int|i4|double|string|boolean|dateTime\.iso8601|base64|name|methodName)>([^<]*)</\1>"
+)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, bodies: st.SearchStrategy[bytes]) -> bytes:
+    """A body with 0 to 4 mutations: bytes inserted, deleted or replaced, a random tag
+    inserted, a scalar's text replaced."""
+    body = bytearray(draw(bodies))
+    for _ in range(draw(st.integers(min_value=0, max_value=4))):
+        # Weighted towards changes that keep the XML well-formed, so most bodies get past
+        # the parser into the grammar, the scalar parsers and the dialect's methods.
+        kind = draw(st.sampled_from(["text"] * 4 + ["tag"] * 2 + ["insert", "delete", "replace"]))
+        at = draw(st.integers(min_value=0, max_value=len(body)))
+        if kind == "insert":
+            body[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "delete":
+            body[at : at + draw(st.integers(min_value=1, max_value=16))] = b""
+        elif kind == "replace" and at < len(body):
+            body[at] = draw(st.integers(min_value=0, max_value=255))
+        elif kind == "tag":
+            body[at:at] = draw(st.sampled_from(_TAGS))
+        elif kind == "text":
+            scalars = list(_SCALAR_ELEMENT.finditer(bytes(body)))
+            if scalars:
+                chosen = draw(st.sampled_from(scalars))
+                text = draw(_SCALAR_TEXTS)
+                if draw(st.integers(min_value=0, max_value=3)):  # mostly escaped
+                    text = text.replace("&", "&amp;").replace("<", "&lt;")
+                body[chosen.start(2) : chosen.end(2)] = text.encode("utf-8")
+    return bytes(body)
+
+
+@st.composite
+def xmlrpc_calls(
+    draw: st.DrawFn, seeds: Sequence[tuple[str, tuple[Any, ...]]], methods: Sequence[str]
+) -> bytes:
+    """A call as Python's client writes it: a seed, a seed with one argument replaced by
+    a random value tree, or one of the dialect's methods (or an unknown one) with
+    random arguments."""
+    choice = draw(st.integers(min_value=0, max_value=2))
+    if choice < 2 and seeds:
+        method, args = draw(st.sampled_from(list(seeds)))
+        params = list(args)
+        if choice == 1 and params:
+            params[draw(st.integers(min_value=0, max_value=len(params) - 1))] = draw(xmlrpc_values)
+    else:
+        method = draw(st.sampled_from([*methods, "system.listMethods", "no_such_method"]))
+        params = draw(st.lists(xmlrpc_values, max_size=4))
+    return xmlrpc.client.dumps(tuple(params), method).encode("utf-8")
+
+
+class XmlRpcAdapter(DialectAdapter[C]):
+    """What every XML-RPC dialect shares: the endpoint, the codec, faults as errors."""
+
+    endpoint: ClassVar[str] = "/xmlrpc"
+
+    @classmethod
+    @abc.abstractmethod
+    def wrap(cls, value_xml: bytes) -> bytes:
+        """A call of this dialect whose (first non-session) argument is ``value_xml``."""
+
+    def classify(self, reply: RawReply) -> Answer:
+        return classify_xmlrpc(reply)
+
+    def foreign_ids(self, answer: Answer, victim: Tenant) -> set[object]:
+        if answer.outcome != "ok":
+            return set()
+        return xmlrpc_ids(answer.value) & set(victim.ids.values())
+
+    @classmethod
+    def worst_case_bodies(cls) -> Mapping[str, Callable[[], bytes]]:
+        return xmlrpc_worst_case_bodies(cls.wrap, limit=codec.DEFAULT_LIMITS.max_body_bytes)
+
+    @classmethod
+    def body(cls, *, padding: int = 0) -> bytes:
+        return cls.wrap(b"<value><string>" + b"x" * padding + b"</string></value>")
+
+    @classmethod
+    def check_decoder(cls, body: bytes) -> None:
+        """decode_call either decodes or raises a CodecError; the fault for it is never the
+        internal error and is what Python's client parses as a fault; decoded arguments
+        echoed back (apply and query return what the client stored) encode or are
+        refused as not representable, nothing else."""
+        try:
+            call = codec.decode_call(body)
+        except codec.CodecError as exc:
+            fault, encoded = faults.encode(exc)
+            if fault.code == faults.INTERNAL.code:
+                raise AssertionError(f"{exc!r} became an internal error") from exc
+            answer = classify_xmlrpc(
+                RawReply(status=200, headers={"content-type": "text/xml"}, body=encoded)
+            )
+            if answer.code != str(fault.code):
+                raise AssertionError(f"the fault for {exc!r} reads as {answer.describe()}") from exc
+            return
+        try:
+            codec.encode_response(list(call.params))
+        except codec.NotRepresentable as exc:
+            if faults.encode(exc)[0].code == faults.INTERNAL.code:
+                raise AssertionError(f"{exc!r} became an internal error") from exc
+
+    @classmethod
+    def fuzz_bodies(cls, seeds: Sequence[tuple[str, tuple[Any, ...]]]) -> st.SearchStrategy[bytes]:
+        return mutated(xmlrpc_calls(seeds, cls.methods))
+
+
+# --- Gandi ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True)
+class GandiClient:
+    proxy: xmlrpc.client.ServerProxy
+    session: str
+
+    def call(self, method: str, *args: Any) -> Answer:
+        return invoke(self.proxy, method, *args)
+
+
+def _gandi_each_victim_id(method: str, *extra: Any) -> Callable[[GandiClient, World], list[Answer]]:
+    def run(c: GandiClient, w: World) -> list[Answer]:
+        return [c.call(method, c.session, id_, *extra) for id_ in w.victim.ids.values()]
+
+    return run
+
+
+def _gandi_login_as_victim(c: GandiClient, w: World) -> list[Answer]:
+    # Gandi v1's login(login, password): the victim's user id with the attacker's key.
+    victim_user = f"user-{w.victim.namespace}"  # as make_key names users
+    return [
+        c.call("login", victim_user, w.attacker.key),
+        c.call("login", victim_user, w.attacker.key, True),
+    ]
+
+
+def _gandi_login(c: GandiClient, w: World) -> list[Answer]:
+    login = c.call("login", w.attacker.key)
+    if login.outcome != "ok":
+        return [login]
+    return [login, c.call("operation_list", login.value)]
+
+
+def _gandi_lists(c: GandiClient, w: World) -> list[Answer]:
+    hour = datetime.timedelta(hours=1)
+    now = datetime.datetime.now(datetime.UTC)
+    filters: list[dict[str, Any]] = [
+        {},
+        {"type": OPERATION_TYPE},
+        {"updated_after": xmlrpc.client.DateTime(now - hour)},
+        {
+            "updated_after": xmlrpc.client.DateTime(now - hour),
+            "updated_before": xmlrpc.client.DateTime(now + hour),
+        },
+        *({"state": word} for word in ("RUN", "WAIT", "DONE", "ERROR", "CANCEL")),
+    ]
+    return [
+        c.call("operation_list", c.session),
+        *(c.call("operation_list", c.session, f) for f in filters),
+    ]
+
+
+def _own_ids_listed(answer: Answer, w: World) -> list[str]:
+    """Not vacuous: an unfiltered list shows the attacker's own (never deleted) operations."""
+    own = {w.attacker.ids[name] for name in OPERATION_STATES}
+    if answer.outcome == "ok" and own <= set(answer.value):
+        return []
+    return [f"the attacker's own ids {sorted(own)} missing from {answer.describe()}"]
+
+
+def _expect_login_then_own_list(answers: list[Answer], w: World) -> list[str]:
+    problems = expect_ok_or_errors()(answers, w)
+    return problems + _own_ids_listed(answers[-1], w)
+
+
+def _expect_lists(answers: list[Answer], w: World) -> list[str]:
+    return expect_ok_or_errors()(answers, w) + _own_ids_listed(answers[0], w)
+
+
+def _gandi_create(c: GandiClient, w: World) -> list[Answer]:
+    return [
+        c.call(
+            "operation_create",
+            c.session,
+            OPERATION_TYPE,
+            {"marker": w.attacker.marker},
+            OBJECT,
+        )
+    ]
+
+
+def _expect_created_in_own_namespace(answers: list[Answer], w: World) -> list[str]:
+    [answer] = answers
+    if answer.outcome != "ok" or not isinstance(answer.value, int):
+        return [f"expected a new id, got {answer.describe()}"]
+    custom = kubernetes.client.CustomObjectsApi(w.api)
+    obj: Any = custom.get_namespaced_custom_object(
+        GROUP, VERSION, w.attacker.namespace, "operations", f"op-{answer.value}"
+    )
+    if obj["spec"]["params"] != {"marker": w.attacker.marker}:
+        return [f"op-{answer.value} in the attacker's namespace has {obj['spec']['params']}"]
+    return []
+
+
+class GandiAdapter(XmlRpcAdapter[GandiClient]):
+    """Gandi: ``login(apikey)`` gives a session string, the first argument of every call."""
+
+    name = "gandi"
+    methods = (
+        "login",
+        "operation_list",
+        "operation_details",
+        "operation_relaunch",
+        "operation_cancel",
+        "operation_create",
+    )
+
+    def client(self, tenant: Tenant) -> GandiClient:
+        proxy = self.gateway.proxy()
+        return GandiClient(proxy=proxy, session=str(proxy.login(tenant.key)))
+
+    @classmethod
+    def probes(cls) -> Sequence[Probe[GandiClient]]:
+        # operation_create's object {kind, name} names something outside the cluster (a
+        # domain) and is stored as data, never used as a path: not a probe here.
+        return [
+            Probe(
+                method="operation_details",
+                what="opid",
+                run=lambda c, v: c.call("operation_details", c.session, v),
+            ),
+            Probe(
+                method="operation_relaunch",
+                what="opid",
+                run=lambda c, v: c.call("operation_relaunch", c.session, v, {"x": "y"}),
+            ),
+            Probe(
+                method="operation_cancel",
+                what="opid",
+                run=lambda c, v: c.call("operation_cancel", c.session, v),
+            ),
+            Probe(
+                method="operation_create",
+                what="type",
+                run=lambda c, v: c.call("operation_create", c.session, v, {}),
+                skip=valid_operation_type,
+            ),
+            Probe(
+                method="operation_list",
+                what="filter type",
+                run=lambda c, v: c.call("operation_list", c.session, {"type": v}),
+                search=True,
+            ),
+        ]
+
+    @classmethod
+    def store_probes(cls) -> Sequence[StoreProbe[GandiClient]]:
+        def created(
+            *args: Callable[[object], Any],
+        ) -> Callable[[GandiClient, Tenant, object], list[Answer]]:
+            def run(c: GandiClient, t: Tenant, v: object) -> list[Answer]:
+                made = c.call("operation_create", c.session, "free_form", *(a(v) for a in args))
+                if made.outcome != "ok":
+                    return [made]
+                return [made, c.call("operation_details", c.session, made.value)]
+
+            return run
+
+        def relaunched(c: GandiClient, t: Tenant, v: object) -> list[Answer]:
+            # The same key every time: each value replaces the one before.
+            opid = t.ids["relaunchable"]
+            done = c.call("operation_relaunch", c.session, opid, {"v": v})
+            if done.outcome != "ok":
+                return [done]
+            return [done, c.call("operation_details", c.session, opid)]
+
+        return [
+            StoreProbe(method="operation_create", what="params", run=created(lambda v: {"v": v})),
+            StoreProbe(
+                method="operation_create",
+                what="object name",
+                run=created(lambda v: {}, lambda v: {"kind": "domain", "name": v}),
+            ),
+            StoreProbe(method="operation_relaunch", what="params", run=relaunched),
+        ]
+
+    @classmethod
+    def matrix(cls) -> Sequence[MatrixCase[GandiClient]]:
+        return [
+            MatrixCase(
+                method="login",
+                what="own key then list",
+                writes=False,
+                run=_gandi_login,
+                expect=_expect_login_then_own_list,
+            ),
+            MatrixCase(
+                method="login",
+                what="victim's user with own key",
+                writes=False,
+                run=_gandi_login_as_victim,
+                expect=expect_errors("unauthenticated"),
+            ),
+            MatrixCase(
+                method="operation_list",
+                what="every filter",
+                writes=False,
+                run=_gandi_lists,
+                expect=_expect_lists,
+            ),
+            MatrixCase(
+                method="operation_details",
+                what="victim ids",
+                writes=False,
+                run=_gandi_each_victim_id("operation_details"),
+                expect=expect_errors("not_found"),
+            ),
+            MatrixCase(
+                method="operation_relaunch",
+                what="victim ids",
+                writes=True,
+                run=_gandi_each_victim_id("operation_relaunch", {"marker": "relaunched"}),
+                expect=expect_errors("not_found"),
+            ),
+            MatrixCase(
+                method="operation_cancel",
+                what="victim ids",
+                writes=True,
+                run=_gandi_each_victim_id("operation_cancel"),
+                expect=expect_errors("not_found"),
+            ),
+            MatrixCase(
+                method="operation_create",
+                what="same type and object as the victim's",
+                writes=True,
+                run=_gandi_create,
+                expect=_expect_created_in_own_namespace,
+            ),
+        ]
+
+    def raw_request(self, body: bytes, tenant: Tenant | None) -> RawRequest:
+        return RawRequest(path=self.endpoint, headers={"Content-Type": "text/xml"}, body=body)
+
+    @classmethod
+    def wrap(cls, value_xml: bytes) -> bytes:
+        return (
+            b"<?xml version='1.0'?><methodCall><methodName>operation_details</methodName>"
+            b"<params>"
+            + _param(b"<value><string>session</string></value>")
+            + _param(value_xml)
+            + b"</params></methodCall>"
+        )
+
+    def fuzz_seeds(self, world: World) -> Sequence[tuple[str, tuple[Any, ...]]]:
+        session = self.client(world.attacker).session
+        ids = world.attacker.ids
+        return [
+            ("login", (world.attacker.key,)),
+            ("login", (f"user-{world.attacker.namespace}", world.attacker.key, False)),
+            ("operation_list", (session,)),
+            (
+                "operation_list",
+                (
+                    session,
+                    {
+                        "state": "DONE",
+                        "type": OPERATION_TYPE,
+                        "updated_after": xmlrpc.client.DateTime("2006-01-01"),
+                    },
+                ),
+            ),
+            ("operation_details", (session, ids["shared-done"])),
+            ("operation_cancel", (session, ids["shared-wait"])),
+            ("operation_relaunch", (session, ids["shared-failed"], {"k": "v"})),
+            ("operation_create", (session, "fuzz", {"k": 1}, OBJECT)),
+        ]
+
+
+# --- gocept ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True)
+class GoceptClient:
+    proxy: xmlrpc.client.ServerProxy
+
+    def call(self, method: str, *args: Any) -> Answer:
+        return invoke(self.proxy, method, *args)
+
+    def apply(self, *records: dict[str, Any]) -> Answer:
+        return self.call("apply", list(records))
+
+
+def _op(name: object, **values: Any) -> dict[str, Any]:
+    return {"__type__": "operation", "name": name, **values}
+
+
+def _task(name: object, **values: Any) -> dict[str, Any]:
+    return {
+        "__type__": "scheduledtask",
+        "name": name,
+        "schedule": "0 3 * * *",
+        "suspend": True,
+        "template": {"type": "hostile"},
+        **values,
+    }
+
+
+def _gocept_queries(c: GoceptClient, w: World) -> list[Answer]:
+    return [
+        c.call("query", "operation"),
+        *(c.call("query", "operation", {"name": n}) for n in w.victim.names),
+        *(c.call("query", "operation", {"id": i}) for i in w.victim.ids.values()),
+        *(
+            c.call("query", "operation", {"state": s})
+            for s in ("Pending", "WaitingExternal", "Succeeded", "FailedExternal")
+        ),
+        c.call("query", "operation", {"type": OPERATION_TYPE}),
+        c.call("query", "operation", {"object": OBJECT}),
+        c.call("query", "scheduledtask"),
+        *(c.call("query", "scheduledtask", {"name": n}) for n in w.victim.tasks),
+    ]
+
+
+def _expect_own_records(answers: list[Answer], w: World) -> list[str]:
+    problems = expect_ok_or_errors()(answers, w)
+    first = answers[0]
+    names = {r.get("name") for r in first.value} if first.outcome == "ok" else set()
+    if not set(OPERATION_STATES) <= names:
+        problems.append(f"the attacker's own records missing from {first.describe()}")
+    return problems
+
+
+def _gocept_ids_of_victim(c: GoceptClient, w: World) -> list[Answer]:
+    return [c.call("query", "operation", {"id": i}) for i in w.victim.ids.values()] + [
+        c.call("query", "scheduledtask", {"id": i}) for i in w.victim.ids.values()
+    ]
+
+
+def _gocept_log(c: GoceptClient, w: World) -> list[Answer]:
+    return [c.call("log"), c.call("log", 0)]
+
+
+def _expect_own_log(answers: list[Answer], w: World) -> list[str]:
+    problems = expect_ok_or_errors()(answers, w)
+    for answer in answers:
+        if answer.outcome == "ok":
+            problems += [
+                f"log entry of {e.get('resource_group')!r}: {_short(e)}"
+                for e in answer.value
+                if e.get("resource_group") != w.attacker.namespace
+            ]
+    return problems
+
+
+def _apply_each_victim_name(
+    record: Callable[[str, World], dict[str, Any]],
+    *,
+    tasks: bool = False,
+    destructive: bool = False,
+) -> Callable[[GoceptClient, World], list[Answer]]:
+    """One apply per victim name; ``destructive`` ones leave out the names the attacker
+    has too (deleting the attacker's own look-alikes would empty the world for the other
+    tests), except the doomed ones that exist for exactly this."""
+
+    def run(c: GoceptClient, w: World) -> list[Answer]:
+        names = w.victim.tasks if tasks else w.victim.names
+        if destructive:
+            kept = set(SHARED_TASKS) - {"doomed-task"} if tasks else set(OPERATION_STATES)
+            names = tuple(n for n in names if n not in kept)
+        return [c.apply(record(n, w)) for n in names]
+
+    return run
+
+
+def _expect_own_or_refused(answers: list[Answer], w: World) -> list[str]:
+    """A write by name is the attacker's own object (same name, the attacker's marker)
+    or refused; never the victim's."""
+    problems: list[str] = []
+    for i, answer in enumerate(answers):
+        if answer.outcome == "error" and answer.error in ("bad_argument", "state", "not_found"):
+            continue
+        if answer.outcome != "ok":
+            problems.append(f"answer {i}: {answer.describe()}")
+            continue
+        for record in answer.value:
+            params = record.get("params") or (record.get("template") or {}).get("params") or {}
+            if params.get("marker") not in (w.attacker.marker, None):
+                problems.append(f"answer {i}: a record that is not the attacker's: {record}")
+    return problems
+
+
+def _apply_with_victim_ids(c: GoceptClient, w: World) -> list[Answer]:
+    # The attacker's own shared-1 record, carrying the victim's id (a read-only key).
+    return [
+        c.apply(_op("shared-1", id=i, cancel=True, params={"marker": w.attacker.marker}))
+        for i in w.victim.ids.values()
+    ]
+
+
+class GoceptAdapter(XmlRpcAdapter[GoceptClient]):
+    """gocept: ``apply``/``query``/``log``, the API key as the Basic auth password."""
+
+    name = "gocept"
+    methods = ("apply", "query", "log")
+
+    def client(self, tenant: Tenant) -> GoceptClient:
+        return GoceptClient(proxy=self.gateway.gocept(tenant.key))
+
+    @classmethod
+    def probes(cls) -> Sequence[Probe[GoceptClient]]:
+        def query(type_: str, key: str) -> Callable[[GoceptClient, object], Answer]:
+            return lambda c, v: c.call("query", type_, {key: v})
+
+        def apply(
+            make: Callable[[object], dict[str, Any]],
+        ) -> Callable[[GoceptClient, object], Answer]:
+            return lambda c, v: c.apply(make(v))
+
+        # Valid names are not hostile (and would create objects): they are not sent.
+        by_name: dict[str, Callable[[GoceptClient, object], Answer]] = {
+            "operation name filter": query("operation", "name"),
+            "task name filter": query("scheduledtask", "name"),
+        }
+        writes_by_name: dict[str, Callable[[object], dict[str, Any]]] = {
+            "create operation name": lambda v: _op(v, type="hostile"),
+            "delete operation name": lambda v: _op(v, __action__="delete"),
+            "cancel operation name": lambda v: _op(v, cancel=True),
+            "relaunch operation name": lambda v: _op(v, relaunch=1),
+            "create task name": lambda v: _task(v),
+            "delete task name": lambda v: _task(v, __action__="delete"),
+            "depends_on name": lambda v: _op("hostile-dep", type="hostile", depends_on=[v]),
+        }
+        return [
+            Probe(method="query", what="type", run=lambda c, v: c.call("query", v)),
+            *(
+                Probe(method="query", what=what, run=run, search=True, skip=valid_name)
+                for what, run in by_name.items()
+            ),
+            Probe(
+                method="query",
+                what="operation id filter",
+                run=query("operation", "id"),
+                search=True,
+            ),
+            Probe(
+                method="query", what="task id filter", run=query("scheduledtask", "id"), search=True
+            ),
+            Probe(
+                method="query",
+                what="filter key",
+                run=lambda c, v: c.call("query", "operation", {v: "x"}),
+                skip=not_a_string,  # struct member names are strings on the wire
+            ),
+            *(
+                Probe(method="apply", what=what, run=apply(make), skip=valid_name)
+                for what, make in writes_by_name.items()
+            ),
+            Probe(
+                method="apply",
+                what="template label value",
+                run=apply(
+                    lambda v: _task("hostile-label", template={"type": "t", "labels": {"k": v}})
+                ),
+                skip=valid_label_value,
+            ),
+            Probe(
+                method="apply",
+                what="template label key",
+                run=apply(
+                    lambda v: _task("hostile-label", template={"type": "t", "labels": {v: "x"}})
+                ),
+                skip=lambda v: not_a_string(v) or valid_label_key(v),
+            ),
+            Probe(
+                method="apply",
+                what="operation type",
+                run=apply(lambda v: _op("hostile-type", type=v)),
+                skip=valid_operation_type,
+            ),
+            Probe(
+                method="apply", what="__type__", run=apply(lambda v: {"__type__": v, "name": "x"})
+            ),
+            Probe(
+                method="apply",
+                what="__action__",
+                run=apply(lambda v: _op("shared-1", __action__=v)),
+                skip=lambda v: v in ("set", "delete"),
+            ),
+            Probe(
+                method="apply",
+                what="read-only id",
+                run=apply(lambda v: _op("shared-1", id=v, cancel=True)),
+            ),
+            Probe(
+                method="log",
+                what="serial",
+                run=lambda c, v: c.call("log", v),
+                search=True,
+                # Any serial from 0 up is a fair question; its answer is the caller's own.
+                skip=lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            ),
+        ]
+
+    @classmethod
+    def store_probes(cls) -> Sequence[StoreProbe[GoceptClient]]:
+        def applied(
+            type_: str, make: Callable[[str, object], dict[str, Any]]
+        ) -> Callable[[GoceptClient, Tenant, object], list[Answer]]:
+            def run(c: GoceptClient, t: Tenant, v: object) -> list[Answer]:
+                name = f"free-{uuid.uuid4().hex[:8]}"
+                done = c.apply(make(name, v))
+                if done.outcome != "ok":
+                    return [done]
+                return [done, c.call("query", type_, {"name": name})]
+
+            return run
+
+        return [
+            StoreProbe(
+                method="apply",
+                what="operation params",
+                run=applied("operation", lambda n, v: _op(n, type="free_form", params={"v": v})),
+            ),
+            StoreProbe(
+                method="apply",
+                what="operation object name",
+                run=applied(
+                    "operation",
+                    lambda n, v: _op(n, type="free_form", object={"kind": "domain", "name": v}),
+                ),
+            ),
+            StoreProbe(
+                method="apply",
+                what="task template params",
+                run=applied(
+                    "scheduledtask",
+                    lambda n, v: _task(n, template={"type": "free_form", "params": {"v": v}}),
+                ),
+            ),
+        ]
+
+    @classmethod
+    def matrix(cls) -> Sequence[MatrixCase[GoceptClient]]:
+        return [
+            MatrixCase(
+                method="query",
+                what="by every key",
+                writes=False,
+                run=_gocept_queries,
+                expect=_expect_own_records,
+            ),
+            MatrixCase(
+                method="query",
+                what="victim ids",
+                writes=False,
+                run=_gocept_ids_of_victim,
+                expect=expect_empty,
+            ),
+            MatrixCase(
+                method="log",
+                what="latest and all",
+                writes=False,
+                run=_gocept_log,
+                expect=_expect_own_log,
+            ),
+            MatrixCase(
+                method="apply",
+                what="set params by victim names",
+                writes=True,
+                run=_apply_each_victim_name(
+                    lambda n, w: _op(n, params={"marker": w.attacker.marker})
+                ),
+                expect=_expect_own_or_refused,
+            ),
+            MatrixCase(
+                method="apply",
+                what="cancel by victim names",
+                writes=True,
+                run=_apply_each_victim_name(lambda n, w: _op(n, cancel=True)),
+                expect=_expect_own_or_refused,
+            ),
+            MatrixCase(
+                method="apply",
+                what="relaunch by victim names",
+                writes=True,
+                run=_apply_each_victim_name(lambda n, w: _op(n, relaunch=1)),
+                expect=_expect_own_or_refused,
+            ),
+            MatrixCase(
+                method="apply",
+                what="create under victim-only names",
+                writes=True,
+                run=_apply_each_victim_name(
+                    lambda n, w: _op(n, type=OPERATION_TYPE, params={"marker": w.attacker.marker})
+                ),
+                expect=_expect_own_or_refused,
+            ),
+            MatrixCase(
+                method="apply",
+                what="delete by victim names",
+                writes=True,
+                run=_apply_each_victim_name(
+                    lambda n, w: _op(n, __action__="delete"), destructive=True
+                ),
+                expect=_expect_own_or_refused,
+            ),
+            MatrixCase(
+                method="apply",
+                what="set task by victim names",
+                writes=True,
+                run=_apply_each_victim_name(
+                    lambda n, w: _task(
+                        n, template={"type": "t", "params": {"marker": w.attacker.marker}}
+                    ),
+                    tasks=True,
+                ),
+                expect=_expect_own_or_refused,
+            ),
+            MatrixCase(
+                method="apply",
+                what="delete task by victim names",
+                writes=True,
+                run=_apply_each_victim_name(
+                    lambda n, w: {"__type__": "scheduledtask", "__action__": "delete", "name": n},
+                    tasks=True,
+                    destructive=True,
+                ),
+                expect=_expect_own_or_refused,
+            ),
+            MatrixCase(
+                method="apply",
+                what="own record carrying victim ids",
+                writes=True,
+                run=_apply_with_victim_ids,
+                expect=expect_errors("bad_argument"),
+            ),
+        ]
+
+    def raw_request(self, body: bytes, tenant: Tenant | None) -> RawRequest:
+        headers = {"Content-Type": "text/xml"}
+        if tenant is not None:
+            token = base64.b64encode(f"user:{tenant.key}".encode()).decode("ascii")
+            headers["Authorization"] = f"Basic {token}"
+        return RawRequest(path=self.endpoint, headers=headers, body=body)
+
+    @classmethod
+    def wrap(cls, value_xml: bytes) -> bytes:
+        return (
+            b"<?xml version='1.0'?><methodCall><methodName>query</methodName><params>"
+            + _param(value_xml)
+            + b"</params></methodCall>"
+        )
+
+    def fuzz_seeds(self, world: World) -> Sequence[tuple[str, tuple[Any, ...]]]:
+        return [
+            ("query", ("operation",)),
+            ("query", ("operation", {"name": "shared-1", "state": "Pending"})),
+            ("query", ("scheduledtask", {"name": "nightly"})),
+            ("log", ()),
+            ("log", (0,)),
+            ("apply", ([_op("fuzz-op", type="fuzz", params={"k": 1}, object=OBJECT)],)),
+            ("apply", ([_task("fuzz-task")],)),
+            ("apply", ([_op("shared-wait", cancel=True)],)),
+        ]
