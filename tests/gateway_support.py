@@ -88,6 +88,17 @@ def gateway_in_thread(*, kubeconfig: str, settings: server.Settings) -> Iterator
             holder["error"] = exc
             started.set()
         finally:
+            # What asyncio.run does before closing: cancel what is left (a connection
+            # aiohttp still lingers on after a refused body), so nothing is destroyed pending.
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+
+            async def drain() -> None:
+                await asyncio.gather(*left, return_exceptions=True)
+                await loop.shutdown_asyncgens()
+
+            loop.run_until_complete(drain())
             loop.close()
 
     thread = threading.Thread(target=target, name="gateway", daemon=True)

@@ -778,6 +778,7 @@ def xmlrpc_worst_case_bodies(
     room = limit - 1024  # what the dialect's wrapper leaves
     depth = codec.DEFAULT_LIMITS.max_depth + 1
     fit = room // len(b"<member><name>xxxxx</name><value/></member>")
+    duplicate = b"<member><name>m</name><value/></member>"
 
     def numbers(tag: bytes, text: bytes) -> bytes:
         return b"<value><%s>%s</%s></value>" % (tag, text, tag)
@@ -842,9 +843,7 @@ def xmlrpc_worst_case_bodies(
             + b"</struct></value>"
         ),
         "struct-duplicate-members": lambda: (
-            b"<value><struct>"
-            + b"<member><name>m</name><value/></member>" * (room // 38)
-            + b"</struct></value>"
+            b"<value><struct>" + duplicate * (room // len(duplicate)) + b"</struct></value>"
         ),
     }
 
