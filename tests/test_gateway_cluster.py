@@ -219,6 +219,13 @@ def test_faults_for_bad_input(
     assert fault_of(lambda: proxy.operation_list("not-a-session")).faultCode == 401
     assert fault_of(lambda: proxy.operation_list(42)).faultCode == -32602
     assert fault_of(lambda: proxy.login("opk_wrong")).faultCode == 401
+    # Gandi API v1's login(login, password[, safe]): the key's user id and the key
+    user = f"user-{namespace}"
+    for token in (proxy.login(user, key), proxy.login(user, key, True)):
+        assert isinstance(proxy.operation_list(token), list)
+    assert fault_of(lambda: proxy.login("someone-else", key)).faultCode == 401
+    assert fault_of(lambda: proxy.login(user, "opk_wrong")).faultCode == 401
+    assert fault_of(lambda: proxy.login(user, key, "yes")).faultCode == -32602
     assert fault_of(lambda: gw.gocept("opk_wrong").query("operation")).faultCode == 401
     assert fault_of(lambda: proxy.query("operation")).faultCode == 401  # no Basic auth
 
