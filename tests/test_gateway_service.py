@@ -494,3 +494,28 @@ def test_create_and_relaunch_bound_the_stored_params() -> None:
     with pytest.raises(errors.InvalidArgument, match="bytes"):
         asyncio.run(svc.relaunch(who=A, id_=entry.id, params={"x": "Q" * 70_000}))
     assert fake.writes.count(("patch", "x")) == 0
+
+
+def test_a_read_only_id_must_match_in_type_too() -> None:
+    """1.0 and true equal 1 in Python; as a read-only id they are another value."""
+    svc, fake = build()
+    seed(fake, "a", "x")
+    entry = svc.operations.get("a", "x")
+    assert entry is not None
+    for id_ in (float(entry.id or 0), True):
+        with pytest.raises(errors.InvalidArgument, match="read-only"):
+            asyncio.run(svc.apply(who=A, batch=[{"__type__": "operation", "name": "x", "id": id_}]))
+    assert not [w for w in fake.writes if w[0] == "patch"]
+
+
+def test_free_form_values_are_stored_as_json_or_refused() -> None:
+    svc, fake = build()
+    when = datetime.datetime(2020, 1, 1, 12, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))
+    opid = asyncio.run(svc.create(who=A, type_="t", params={"at": when, "n": [when]}, object_=None))
+    stored = fake.objects[("operations", "a", f"op-{opid}")]["spec"]["params"]
+    assert stored == {"at": "2020-01-01T10:00:00Z", "n": ["2020-01-01T10:00:00Z"]}
+    for bad in ({"v": b"\x00\x01"}, {"v": [b"\xff"]}):
+        with pytest.raises(errors.InvalidArgument, match="bytes"):
+            asyncio.run(svc.create(who=A, type_="t", params=bad, object_=None))
+    with pytest.raises(errors.InvalidArgument, match="bytes"):
+        asyncio.run(svc.create(who=A, type_="t", params={}, object_={"kind": "d", "name": b"\x00"}))

@@ -400,3 +400,9 @@ def test_client_caused_parse_errors_are_client_faults(value_xml: str, match: str
     with pytest.raises(codec.CodecError, match=match) as caught:
         codec.decode_call(_wrap(value_xml))
     assert len(str(caught.value)) < 200
+
+
+def test_printable_replaces_what_xml_cannot_carry() -> None:
+    assert codec.printable("plain text") == "plain text"
+    assert codec.printable("a\x00b\x01c\ufffe") == "a\ufffdb\ufffdc\ufffd"
+    assert roundtrip(codec.printable("tab\there\nnewline")) == "tab\there\nnewline"

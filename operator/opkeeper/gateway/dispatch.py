@@ -227,12 +227,16 @@ def wire(value: Any) -> Any:
 
     Nulls have no standard type: struct members holding one are left out and
     array items become empty strings. Integers beyond 32 bits are sent as
-    their decimal string rather than refusing the whole answer.
+    their decimal string rather than refusing the whole answer. Characters XML
+    1.0 cannot carry (stored through kubectl, e.g. a NUL) become U+FFFD, so one
+    such object never makes a whole list or query unanswerable.
     """
     if isinstance(value, dict):
-        return {str(k): wire(v) for k, v in value.items() if v is not None}
+        return {wire(str(k)): wire(v) for k, v in value.items() if v is not None}
     if isinstance(value, list | tuple):
         return ["" if v is None else wire(v) for v in value]
+    if isinstance(value, str):
+        return xmlrpc.printable(value)
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and not xmlrpc.I4_MIN <= value <= xmlrpc.I4_MAX:

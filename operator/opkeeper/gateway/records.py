@@ -180,7 +180,11 @@ def build_spec(
     if current is None and given_ro:
         raise errors.InvalidArgument(f"{where}: read-only keys: {', '.join(sorted(given_ro))}")
     base = {} if current is None else spec_values(type_=parsed.type, spec=current)
-    updates = {k: v for k, v in parsed.values.items() if k in writable(parsed.type)}
+    updates = {
+        k: v if k == "exec_at" else storable(v, where=f"{where}: {k}")
+        for k, v in parsed.values.items()
+        if k in writable(parsed.type)
+    }
     values = {**base, **updates}
     try:
         if parsed.type == "operation":
@@ -218,12 +222,42 @@ def _executor(
 
 
 def check_readonly(*, parsed: Parsed, current_record: Mapping[str, Any]) -> None:
-    """Refuse read-only keys whose value differs from the current record."""
+    """Refuse read-only keys whose value differs from the current record (type included:
+    ``1.0`` or ``true`` is not the id ``1``)."""
     for key in sorted(readonly(parsed.type) & set(parsed.values)):
-        if parsed.values[key] != current_record.get(key):
+        if not _same(parsed.values[key], current_record.get(key)):
             raise errors.InvalidArgument(
                 f"record {parsed.index + 1} ({parsed.type} {parsed.name}): {key} is read-only"
             )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that also compares types, at every depth (Python's ``1.0 == 1``,
+    ``True == 1``)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def storable(value: Any, *, where: str) -> Any:
+    """A decoded wire value as a spec may store it (JSON): a dateTime becomes its ISO
+    8601 text in UTC; base64 is refused (params are text, and bytes that are not UTF-8,
+    or hold a NUL, could be stored but never sent back in XML)."""
+    if isinstance(value, dict):
+        return {str(k): storable(v, where=where) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v, where=where) for v in value]
+    if isinstance(value, datetime.datetime):
+        return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    raise errors.InvalidArgument(
+        f"{where}: a {type(value).__name__} value cannot be stored; send it as a string"
+    )
 
 
 def _time(value: Any) -> datetime.datetime | None:

@@ -274,8 +274,8 @@ class Service:
             spec = models.OperationSpec.model_validate(
                 {
                     "type": type_,
-                    "params": dict(params),
-                    "object": dict(object_) if object_ is not None else None,
+                    "params": records.storable(params, where="params"),
+                    "object": records.storable(object_, where="object"),
                     "executor": self.settings.executor_for(type_),
                 }
             )
@@ -309,7 +309,10 @@ class Service:
 
         def plan(entry: cache.OperationEntry) -> Body | None:
             states.transition(entry.state, states.Event.RELAUNCH)
-            merged = {**(entry.spec.get("params") or {}), **params}
+            merged = {
+                **(entry.spec.get("params") or {}),
+                **records.storable(params, where="params"),
+            }
             self._check_size({"params": merged}, where=f"operation {id_}")
             return {
                 "spec": {"params": merged, "relaunch": int(entry.spec.get("relaunch") or 0) + 1}

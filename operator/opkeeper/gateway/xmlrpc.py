@@ -529,9 +529,15 @@ def encode_response(value: Any) -> bytes:
     return "".join(out).encode("utf-8")
 
 
+def printable(text: str) -> str:
+    """``text`` with every character XML 1.0 cannot carry replaced by U+FFFD (for
+    free-form data that must be sent whatever it holds)."""
+    return text if _PLAIN.match(text) else _XML_FORBIDDEN.sub("\ufffd", text)
+
+
 def encode_fault(*, code: int, message: str) -> bytes:
     """A ``methodResponse`` fault; characters XML cannot carry are replaced, never raised."""
-    safe = _XML_FORBIDDEN.sub("\ufffd", message)
+    safe = printable(message)
     out = [_HEAD, "<methodResponse><fault>"]
     _encode({"faultCode": code, "faultString": safe}, out, 0)
     out.append("</fault></methodResponse>\n")
