@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from opkeeper.gateway import server
 from opkeeper.gateway import xmlrpc as codec
 from tests.gateway_support import RunningGateway, module_gateway
 from tests.hostile import (
@@ -254,10 +255,9 @@ def test_oversized_body_is_refused_and_the_connection_closed(
         assert closed_by_peer(sock, within=5), "the connection stayed open"
 
 
-LINGER = 10.0
-"""aiohttp's lingering close (``lingering_time``, not set by the gateway): after answering
-a request whose body it did not read, it reads and discards for up to this long before
-closing."""
+LINGER = server.Settings().lingering_seconds
+"""The gateway's lingering close: after answering a request whose body it did not read,
+it reads and discards for up to this long before closing."""
 
 
 def test_abandoned_oversized_bodies_are_answered_and_closed(

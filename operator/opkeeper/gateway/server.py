@@ -93,6 +93,11 @@ class Settings:
     """On SIGTERM or SIGINT, how long requests in flight may take to finish before they
     are cancelled (default 5 s; aiohttp's default is 60 s); aiohttp then gives the
     cancelled handlers as long again. Idle connections are closed at once."""
+    lingering_seconds: float = 2.0
+    """After answering a request whose body was not read to the end (too large), how
+    long the rest is read and dropped before the connection closes (default 2 s;
+    aiohttp's 10 s): long enough for the client to read the fault, short enough that
+    abandoned uploads do not hold connections."""
     purge_interval_seconds: float = 3600.0
     """How often entries older than the 30-day retention are deleted (default hourly)."""
     id_block_size: int = 100
@@ -576,6 +581,7 @@ async def running(
         access_log=None,
         keepalive_timeout=settings.keepalive_timeout_seconds,
         shutdown_timeout=settings.shutdown_timeout_seconds,
+        lingering_time=settings.lingering_seconds,
     )
     # Everything after this point is undone on the way out, also when the port is taken:
     # a gateway that cannot listen must not leave its feeds and call log behind.
