@@ -11,6 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -191,3 +196,70 @@ def parse_fault(body: bytes) -> int:
     with pytest.raises(xmlrpc.client.Fault) as caught:
         xmlrpc.client.loads(body)
     return int(caught.value.faultCode)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GatewayProcess:
+    """``opkeeper gateway`` running as a process of its own."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: pathlib.Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def gateway_process(
+    cluster: Any, tmp_path: pathlib.Path, key_namespace: str, *extra: str
+) -> Iterator[GatewayProcess]:
+    """``opkeeper gateway`` on a free port, ready (``/readyz``) when yielded; its output
+    goes to ``tmp_path/gateway.log``. Unless the test stopped it already, SIGTERM at the
+    end must stop it cleanly (exit 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "opkeeper.cli",
+                "gateway",
+                "--kubeconfig",
+                cluster.kubeconfig,
+                "--key-namespace",
+                key_namespace,
+                "--port",
+                str(port),
+                "--call-log",
+                str(tmp_path / "calllog.sqlite3"),
+                *extra,
+            ],
+            env=cluster.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    running = GatewayProcess(process=process, port=port, log_path=log_path)
+    try:
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"{running.url}/readyz", timeout=5) as response:
+                    return response.status == 200
+            except OSError:
+                return process.poll() is not None  # died: the exit code below says so
+
+        wait_for(ready, timeout=60, what="opkeeper gateway /readyz")
+        assert process.poll() is None, log_path.read_text()
+        yield running
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import kubernetes
 from aiohttp import web
@@ -262,18 +262,11 @@ def fail_job(ops: Ops, name: str) -> None:
     )
 
 
-class FakeExternalSystem:
-    """An idempotent external API: one job per Idempotency-Key, pollable and cancellable."""
+class ServerInThread:
+    """An aiohttp server on 127.0.0.1 with its own event loop in a thread, for tests that
+    need a peer to talk to while they run synchronously. Subclasses add their routes."""
 
     def __init__(self) -> None:
-        self.posts: collections.Counter[str] = collections.Counter()
-        """POSTs received per idempotency key (a retry with the same key counts again)."""
-        self.jobs: dict[str, dict[str, Any]] = {}
-        """Work accepted, by key: what a real system would have started (once per key)."""
-        self.replies: dict[str, dict[str, Any]] = {}
-        """What a poll of an external id answers (the test sets it)."""
-        self.cancelled: list[str] = []
-        self.start_status = 202
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -283,29 +276,13 @@ class FakeExternalSystem:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def _start(self, request: web.Request) -> web.Response:
-        key = request.headers["Idempotency-Key"]
-        self.posts[key] += 1
-        if self.start_status >= 400:
-            return web.json_response({"error": "no"}, status=self.start_status)
-        job = self.jobs.setdefault(
-            key, {"id": f"ext-{len(self.jobs) + 1}", "operation": await request.json()}
-        )
-        return web.json_response({"id": job["id"], "state": "accepted"}, status=202)
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
 
-    async def _poll(self, request: web.Request) -> web.Response:
-        return web.json_response(self.replies.get(request.match_info["id"], {"state": "running"}))
-
-    async def _cancel(self, request: web.Request) -> web.Response:
-        self.cancelled.append(request.match_info["id"])
-        return web.json_response({})
-
-    def __enter__(self) -> FakeExternalSystem:
+    def __enter__(self) -> Self:
         async def serve() -> None:
             app = web.Application()
-            app.router.add_post("/start", self._start)
-            app.router.add_get("/poll/{id}", self._poll)
-            app.router.add_post("/cancel/{id}", self._cancel)
+            self.routes(app)
             self._runner = web.AppRunner(app)
             await self._runner.setup()
             site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -328,3 +305,40 @@ class FakeExternalSystem:
 
         asyncio.run_coroutine_threadsafe(down(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+class FakeExternalSystem(ServerInThread):
+    """An idempotent external API: one job per Idempotency-Key, pollable and cancellable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.posts: collections.Counter[str] = collections.Counter()
+        """POSTs received per idempotency key (a retry with the same key counts again)."""
+        self.jobs: dict[str, dict[str, Any]] = {}
+        """Work accepted, by key: what a real system would have started (once per key)."""
+        self.replies: dict[str, dict[str, Any]] = {}
+        """What a poll of an external id answers (the test sets it)."""
+        self.cancelled: list[str] = []
+        self.start_status = 202
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/start", self._start)
+        app.router.add_get("/poll/{id}", self._poll)
+        app.router.add_post("/cancel/{id}", self._cancel)
+
+    async def _start(self, request: web.Request) -> web.Response:
+        key = request.headers["Idempotency-Key"]
+        self.posts[key] += 1
+        if self.start_status >= 400:
+            return web.json_response({"error": "no"}, status=self.start_status)
+        job = self.jobs.setdefault(
+            key, {"id": f"ext-{len(self.jobs) + 1}", "operation": await request.json()}
+        )
+        return web.json_response({"id": job["id"], "state": "accepted"}, status=202)
+
+    async def _poll(self, request: web.Request) -> web.Response:
+        return web.json_response(self.replies.get(request.match_info["id"], {"state": "running"}))
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        self.cancelled.append(request.match_info["id"])
+        return web.json_response({})

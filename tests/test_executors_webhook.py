@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +14,13 @@ import pytest
 from aiohttp import web
 
 from opkeeper.executors import webhook
-from tests.helpers import FakeExternalSystem, Ops, controller_in_thread, wait_for
+from tests.helpers import (
+    FakeExternalSystem,
+    Ops,
+    ServerInThread,
+    controller_in_thread,
+    wait_for,
+)
 
 LOOPBACK = ("127.0.0.1/32",)
 """The allow-list the tests' controllers need: their webhook servers listen on loopback,
@@ -151,53 +155,22 @@ class Reply:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-class ScriptedServer:
+class ScriptedServer(ServerInThread):
     """An HTTP server on 127.0.0.1 answering each path with a fixed reply, and recording
     every request it gets (method, path)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.replies: dict[str, Reply] = {}
         self.requests: list[tuple[str, str]] = []
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/{tail:.*}", self._handle)
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests.append((request.method, request.path))
         reply = self.replies.get(request.path, Reply(404))
         return web.Response(status=reply.status, text=reply.body, headers=reply.headers)
-
-    def __enter__(self) -> ScriptedServer:
-        async def serve() -> None:
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self._ready.set()
-
-        def run() -> None:
-            self._loop.run_until_complete(serve())
-            self._loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        async def down() -> None:
-            assert self._runner is not None
-            await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(down(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
 
 
 @pytest.fixture

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime
 import functools
 import json
 import pathlib
-import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -36,6 +33,7 @@ from tests.gateway_support import (
     RunningGateway,
     fault_of,
     gateway_in_thread,
+    gateway_process,
     make_key,
     module_gateway,
     other_namespace,
@@ -700,16 +698,8 @@ def test_the_cli_serves_mints_demo_keys_and_stops_cleanly(
 ) -> None:
     key_namespace = other_namespace(api)
     common = ["--kubeconfig", cluster.kubeconfig, "--key-namespace", key_namespace]
-    with _gateway_process(cluster, tmp_path, key_namespace) as url:
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=60, what="opkeeper gateway /readyz")
+    with gateway_process(cluster, tmp_path, key_namespace) as gateway:
+        url = gateway.url
         minted = subprocess.run(
             [
                 sys.executable,
@@ -747,7 +737,8 @@ def test_workers_share_the_port_the_sessions_and_the_metrics(
 ) -> None:
     key_namespace = other_namespace(api)
     logins = 0
-    with _gateway_process(cluster, tmp_path, key_namespace, "--workers", "2") as url:
+    with gateway_process(cluster, tmp_path, key_namespace, "--workers", "2") as gateway:
+        url = gateway.url
 
         def login(key: str) -> str:
             # A new proxy is a new connection, which the kernel gives to either worker.
@@ -788,44 +779,3 @@ def test_workers_share_the_port_the_sessions_and_the_metrics(
         assert counted["ok"] == logins  # the sum over both workers, not the one scraped
         assert 'opkeeper_gateway_cached_objects{kind="operation"}' in text
     assert (tmp_path / "gateway.log").read_text().count("gateway stopped") == 2
-
-
-@contextlib.contextmanager
-def _gateway_process(
-    cluster: Any, tmp_path: pathlib.Path, key_namespace: str, *extra: str
-) -> Iterator[str]:
-    """``opkeeper gateway`` as a process on a free port (its URL); SIGTERM at the end
-    must stop it cleanly (exit 0). Its output goes to ``tmp_path/gateway.log``."""
-    port = _free_port()
-    with (tmp_path / "gateway.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "opkeeper.cli",
-                "gateway",
-                "--kubeconfig",
-                cluster.kubeconfig,
-                "--key-namespace",
-                key_namespace,
-                "--port",
-                str(port),
-                "--call-log",
-                str(tmp_path / "calllog.sqlite3"),
-                *extra,
-            ],
-            env=cluster.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(60) == 0, (tmp_path / "gateway.log").read_text()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

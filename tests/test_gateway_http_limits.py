@@ -10,13 +10,11 @@ clock is the pace of a deliberate trickle.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +23,7 @@ import kubernetes
 import pytest
 
 from opkeeper.gateway import auth, server
-from tests.gateway_support import RunningGateway, gateway_in_thread, make_key
+from tests.gateway_support import RunningGateway, gateway_in_thread, gateway_process, make_key
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -244,67 +242,38 @@ def test_sigterm_stops_the_gateway_within_seconds_despite_hostile_connections(
 ) -> None:
     key_namespace = f"gw-limits-{uuid.uuid4().hex[:6]}"
     kubernetes.client.CoreV1Api(api).create_namespace({"metadata": {"name": key_namespace}})
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     shutdown_timeout = 1.0
-    log_path = tmp_path / "gateway.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "opkeeper.cli",
-                "gateway",
-                "--kubeconfig",
-                cluster.kubeconfig,
-                "--key-namespace",
-                key_namespace,
-                "--port",
-                str(port),
-                "--call-log",
-                str(tmp_path / "calllog.sqlite3"),
-                # hostile connections must still be open when SIGTERM comes
-                "--header-timeout",
-                "120",
-                "--keepalive-timeout",
-                "120",
-                "--shutdown-timeout",
-                str(shutdown_timeout),
-            ],
-            env=cluster.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    hostile: list[socket.socket] = []
-    try:
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=60, what="opkeeper gateway /readyz")
+    with (
+        contextlib.ExitStack() as hostile,
+        gateway_process(
+            cluster,
+            tmp_path,
+            key_namespace,
+            # hostile connections must still be open when SIGTERM comes
+            "--header-timeout",
+            "120",
+            "--keepalive-timeout",
+            "120",
+            "--shutdown-timeout",
+            str(shutdown_timeout),
+        ) as gateway,
+    ):
+        port, process, log_path = gateway.port, gateway.process, gateway.log_path
         for _ in range(3):  # silent
-            hostile.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            hostile.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
         for _ in range(3):  # headers begun, never finished
-            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock = hostile.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
             sock.sendall(b"POST /xmlrpc HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
-            hostile.append(sock)
         for _ in range(2):  # idle after a request
-            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock = hostile.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
             sock.sendall(HEALTHZ)
             assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
-            hostile.append(sock)
         for _ in range(3):  # large bodies, a quarter sent: their handlers are reading
-            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock = hostile.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
             sock.sendall(
                 b"POST /xmlrpc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\n"
                 b"Content-Length: 1000000\r\n\r\n" + b"<" * 250_000
             )
-            hostile.append(sock)
         # one complete call after them: the gateway has taken in what came before
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(HEALTHZ)
@@ -317,9 +286,3 @@ def test_sigterm_stops_the_gateway_within_seconds_despite_hostile_connections(
         assert process.wait(timeout=30) == 0, log_path.read_text()
         assert time.monotonic() - signalled < 2 * shutdown_timeout + 5.0
         assert "gateway stopped" in log_path.read_text()
-    finally:
-        for sock in hostile:
-            sock.close()
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
