@@ -441,12 +441,22 @@ C = TypeVar("C")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Probe(Generic[C]):
-    """One method's name or id parameter, and how to put a hostile value there."""
+class _Case:
+    """Something the suite does with one method, named for test ids and messages."""
 
     method: str
     what: str
-    """Which argument (for test ids and messages)."""
+    """Which argument or which use of the method."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-{self.what}".replace(" ", "-")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Probe(_Case, Generic[C]):
+    """One method's name or id parameter, and how to put a hostile value there."""
+
     run: Callable[[C, object], Answer]
     search: bool = False
     """A search: an empty answer is as correct as a not-found error."""
@@ -454,40 +464,24 @@ class Probe(Generic[C]):
     """Values that are legitimate here (an ``OP-1`` operation type) or that the wire
     cannot carry in this place (a non-string struct key); they are not sent."""
 
-    @property
-    def label(self) -> str:
-        return f"{self.method}-{self.what}".replace(" ", "-")
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MatrixCase(Generic[C]):
+class MatrixCase(_Case, Generic[C]):
     """One method called by the attacker against the victim's ids or names."""
 
-    method: str
-    what: str
     writes: bool
     run: Callable[[C, World], list[Answer]]
     expect: Callable[[list[Answer], World], list[str]]
     """Problems with the answers beyond the generic checks (the victim's marker and ids
     absent, the victim's objects and call log unchanged, nothing broken)."""
 
-    @property
-    def label(self) -> str:
-        return f"{self.method}-{self.what}".replace(" ", "-")
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class StoreProbe(Generic[C]):
+class StoreProbe(_Case, Generic[C]):
     """One place that stores free-form data: write a value there, then read it back."""
 
-    method: str
-    what: str
     run: Callable[[C, Tenant, object], list[Answer]]
     """The answers of the write and (if it was accepted) of the read."""
-
-    @property
-    def label(self) -> str:
-        return f"{self.method}-{self.what}".replace(" ", "-")
 
 
 STORE_TENANT_OPERATIONS: Mapping[str, str | None] = {"relaunchable": "FailedExternal"}
