@@ -692,9 +692,18 @@ _XMLRPC_CLASSES: Mapping[int, ErrorClass] = {
     404: "not_found",
     409: "state",
     422: "state",
+    # Gandi's six-digit codes (the Gandi methods)
+    500010: "bad_argument",
+    500020: "bad_argument",
+    500030: "bad_argument",
+    500130: "unauthenticated",
+    510040: "not_found",
+    510050: "forbidden",
+    510060: "state",
+    110020: "state",
 }
-"""faultCode -> class (docs/faults.md); anything else (-32603, -32604, 500, 503) is the
-server's fault."""
+"""faultCode -> class (docs/faults.md, both tables); anything else (-32603, -32604, 500,
+503, 110010, 150000, 150010) is the server's fault."""
 
 
 def fault_answer(code: object, text: object) -> Answer:
@@ -1017,8 +1026,8 @@ class XmlRpcAdapter(DialectAdapter[C]):
         try:
             call = codec.decode_call(body)
         except codec.CodecError as exc:
-            fault, encoded = faults.encode(exc)
-            if fault.code == faults.INTERNAL.code:
+            fault, encoded = faults.XMLRPC.encode(exc)
+            if fault.code == faults.XMLRPC.internal.code:
                 raise AssertionError(f"{exc!r} became an internal error") from exc
             answer = classify_xmlrpc(
                 RawReply(status=200, headers={"content-type": "text/xml"}, body=encoded)
@@ -1029,7 +1038,7 @@ class XmlRpcAdapter(DialectAdapter[C]):
         try:
             codec.encode_response(list(call.params))
         except codec.NotRepresentable as exc:
-            if faults.encode(exc)[0].code == faults.INTERNAL.code:
+            if faults.XMLRPC.encode(exc)[0].code == faults.XMLRPC.internal.code:
                 raise AssertionError(f"{exc!r} became an internal error") from exc
 
     @classmethod

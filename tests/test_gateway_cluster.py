@@ -152,14 +152,14 @@ def test_seed_scenarios_with_the_controller(
         assert proxy.operation_cancel(session, external) is True
         wait_for(lambda: state(external) == "CANCEL", what="CANCEL")
         fault = fault_of(lambda: proxy.operation_cancel(session, noop))
-        assert fault.faultCode == 422
+        assert fault.faultCode == 510060
         assert "cannot be cancelled" in fault.faultString
         assert "cancel" not in ops.get(f"op-{noop}")["spec"]
-        assert fault_of(lambda: proxy.operation_cancel(session, external)).faultCode == 422
+        assert fault_of(lambda: proxy.operation_cancel(session, external)).faultCode == 510060
         # relaunch of an active operation is refused the same way
         running = proxy.operation_create(session, "test_sleep", {})
         wait_for(lambda: state(running) == "RUN", what="sleep RUN")
-        assert fault_of(lambda: proxy.operation_relaunch(session, running, {})).faultCode == 422
+        assert fault_of(lambda: proxy.operation_relaunch(session, running, {})).faultCode == 510060
 
 
 def test_created_operations_use_the_configured_executor(
@@ -174,10 +174,10 @@ def test_created_operations_use_the_configured_executor(
     assert obj["spec"]["executor"] == EXECUTORS["test_noop"]
     assert obj["metadata"]["labels"]["opkeeper.dev/id"] == str(opid)
     bad = fault_of(lambda: proxy.operation_create(session, "not a type!", {}))
-    assert bad.faultCode == 400
-    assert fault_of(lambda: proxy.operation_create(session, "t", "params")).faultCode == -32602
+    assert bad.faultCode == 500030
+    assert fault_of(lambda: proxy.operation_create(session, "t", "params")).faultCode == 500010
     wrong_object = fault_of(lambda: proxy.operation_create(session, "t", {}, {"kind": "x"}))
-    assert wrong_object.faultCode == 400
+    assert wrong_object.faultCode == 500030
 
 
 # --- faults ------------------------------------------------------------------------
@@ -191,11 +191,11 @@ def test_faults_for_bad_input(
     session = proxy.login(key)
 
     # bad ids
-    assert fault_of(lambda: proxy.operation_details(session, 2_000_000_000)).faultCode == 404
+    assert fault_of(lambda: proxy.operation_details(session, 2_000_000_000)).faultCode == 510040
     # not an id at all: a bad argument, not a missing operation
-    assert fault_of(lambda: proxy.operation_details(session, 0)).faultCode == 400
-    assert fault_of(lambda: proxy.operation_details(session, -5)).faultCode == 400
-    assert fault_of(lambda: proxy.operation_details(session, "12")).faultCode == -32602
+    assert fault_of(lambda: proxy.operation_details(session, 0)).faultCode == 500020
+    assert fault_of(lambda: proxy.operation_details(session, -5)).faultCode == 500020
+    assert fault_of(lambda: proxy.operation_details(session, "12")).faultCode == 500010
     status, body = gw.post(
         raw_call(
             "operation_details",
@@ -214,29 +214,31 @@ def test_faults_for_bad_input(
     assert parse_fault(body) == -32600
 
     # bad sessions and keys
-    assert fault_of(lambda: proxy.operation_list("not-a-session")).faultCode == 401
-    assert fault_of(lambda: proxy.operation_list(42)).faultCode == -32602
-    assert fault_of(lambda: proxy.login("opk_wrong")).faultCode == 401
+    assert fault_of(lambda: proxy.operation_list("not-a-session")).faultCode == 500130
+    assert fault_of(lambda: proxy.operation_list(42)).faultCode == 500010
+    assert fault_of(lambda: proxy.login("opk_wrong")).faultCode == 500130
     # Gandi API v1's login(login, password[, safe]): the key's user id and the key
     user = f"user-{namespace}"
     for token in (proxy.login(user, key), proxy.login(user, key, True)):
         assert isinstance(proxy.operation_list(token), list)
-    assert fault_of(lambda: proxy.login("someone-else", key)).faultCode == 401
-    assert fault_of(lambda: proxy.login(user, "opk_wrong")).faultCode == 401
-    assert fault_of(lambda: proxy.login(user, key, "yes")).faultCode == -32602
+    assert fault_of(lambda: proxy.login("someone-else", key)).faultCode == 500130
+    assert fault_of(lambda: proxy.login(user, "opk_wrong")).faultCode == 500130
+    assert fault_of(lambda: proxy.login(user, key, "yes")).faultCode == 500010
     assert fault_of(lambda: gw.gocept("opk_wrong").query("operation")).faultCode == 401
     assert fault_of(lambda: proxy.query("operation")).faultCode == 401  # no Basic auth
 
     # bad types and arity
-    assert fault_of(lambda: proxy.operation_list(session, "DONE")).faultCode == -32602
-    assert fault_of(lambda: proxy.operation_list(session, {"state": "FINISHED"})).faultCode == 400
-    assert fault_of(lambda: proxy.operation_list(session, {"colour": "red"})).faultCode == 400
+    assert fault_of(lambda: proxy.operation_list(session, "DONE")).faultCode == 500010
+    assert (
+        fault_of(lambda: proxy.operation_list(session, {"state": "FINISHED"})).faultCode == 500030
+    )
+    assert fault_of(lambda: proxy.operation_list(session, {"colour": "red"})).faultCode == 500030
     assert (
         fault_of(lambda: proxy.operation_list(session, {"updated_after": "2006-01-01"})).faultCode
-        == -32602
+        == 500010
     )
-    assert fault_of(lambda: proxy.operation_details(session)).faultCode == -32602
-    assert fault_of(lambda: proxy.operation_relaunch(session, 1, [])).faultCode == -32602
+    assert fault_of(lambda: proxy.operation_details(session)).faultCode == 500010
+    assert fault_of(lambda: proxy.operation_relaunch(session, 1, [])).faultCode == 500010
 
     # unknown methods
     fault = fault_of(lambda: proxy.operation_frobnicate(session))
@@ -298,7 +300,7 @@ def test_an_id_beyond_32_bits_is_a_clear_fault(
     wait_for(lambda: gw.gateway.operations.get(namespace, "huge"), what="the cache")
     session = gw.proxy().login(key)
     fault = fault_of(lambda: gw.proxy().operation_list(session))
-    assert fault.faultCode == -32604
+    assert fault.faultCode == 150010
     assert "3000000000" in fault.faultString
 
 
@@ -452,7 +454,7 @@ def test_gocept_log_is_gapless_and_never_logs_itself(
     assert serials == list(range(serials[0], serials[0] + 10))
     last = latest[-1]
     assert last["method"] == "operation_details"
-    assert last["exception"].startswith("404:")
+    assert last["exception"].startswith("510040: DataError: operation")
     assert json.loads(last["args"]) == {"args": ["<session>", 12345], "kw": {}}
     assert last["ipaddress"] == "127.0.0.1"
     assert last["resource_group"] == namespace
@@ -516,14 +518,14 @@ def test_a_caller_never_sees_or_touches_another_namespace(
         lambda: proxy.operation_cancel(b, mine),
     ):
         fault = fault_of(call)
-        assert fault.faultCode == 404
-        assert fault.faultString == f"operation {mine} not found"
+        assert fault.faultCode == 510040
+        assert fault.faultString == f"DataError: operation {mine} not found"
     # operation_create: lands in B's namespace
     theirs = proxy.operation_create(b, "domain_create", {})
     ops_b.get(f"op-{theirs}")
     with pytest.raises(kubernetes.client.ApiException):
         ops_a.get(f"op-{theirs}")
-    assert fault_of(lambda: proxy.operation_details(a, theirs)).faultCode == 404
+    assert fault_of(lambda: proxy.operation_details(a, theirs)).faultCode == 510040
     # gocept query
     gb = gw.gocept(key_b)
     assert [r["name"] for r in gb.query("operation")] == [f"op-{theirs}"]
@@ -582,7 +584,10 @@ def test_a_session_from_one_gateway_works_on_another(
         tampered = f"{payload[:-1]}{'A' if payload[-1] != 'A' else 'B'}.{mac}"
         for replica in (gw, other):
             fault = fault_of(functools.partial(replica.proxy().operation_list, tampered))
-            assert (fault.faultCode, fault.faultString) == (401, "unknown session; log in again")
+            assert (fault.faultCode, fault.faultString) == (
+                500130,
+                "DataError: unknown session; log in again",
+            )
         secret = next(
             s
             for s in kubernetes.client.CoreV1Api(api).list_namespaced_secret(gw.key_namespace).items

@@ -12,6 +12,10 @@ from __future__ import annotations
 class OpkeeperError(Exception):
     """Base of every error opkeeper raises on purpose."""
 
+    element: tuple[str, str] | None = None
+    """The faulty parameter and a short form of its value, where one is to blame
+    (Gandi's faultString ends with ``[element: value]``)."""
+
 
 class InvalidArgument(OpkeeperError):
     """The caller sent something malformed: a wrong type, a bad value."""

@@ -32,6 +32,11 @@ _SHOWN_MAX = 40
 class InvalidName(errors.InvalidArgument):
     """A name, namespace, label or id that Kubernetes' rules refuse."""
 
+    def __init__(self, message: str, *, what: str, value: object) -> None:
+        super().__init__(message)
+        text = value if isinstance(value, str) else repr(value)
+        self.element = (what, text[:_SHOWN_MAX])
+
 
 def shown(value: object, *, limit: int = _SHOWN_MAX) -> str:
     """A short, printable rendering of client input for an error message: at most
@@ -43,13 +48,15 @@ def shown(value: object, *, limit: int = _SHOWN_MAX) -> str:
 
 def _check(value: object, *, what: str, pattern: re.Pattern[str], max_len: int, rule: str) -> str:
     if not isinstance(value, str):
-        raise InvalidName(f"{what} must be a string")
+        raise InvalidName(f"{what} must be a string", what=what, value=value)
     if not value:
-        raise InvalidName(f"{what} must not be empty")
+        raise InvalidName(f"{what} must not be empty", what=what, value=value)
     if len(value) > max_len:
-        raise InvalidName(f"{what} {shown(value)} is longer than {max_len} characters")
+        raise InvalidName(
+            f"{what} {shown(value)} is longer than {max_len} characters", what=what, value=value
+        )
     if not pattern.fullmatch(value):
-        raise InvalidName(f"{what} {shown(value)} is not a valid {rule}")
+        raise InvalidName(f"{what} {shown(value)} is not a valid {rule}", what=what, value=value)
     return value
 
 
@@ -94,12 +101,12 @@ def label_key(value: object, *, what: str = "label key") -> str:
     """A label key: an optional DNS subdomain prefix and ``/``, then a name part of at
     most 63 alphanumerics, ``-``, ``_`` and ``.``."""
     if not isinstance(value, str):
-        raise InvalidName(f"{what} must be a string")
+        raise InvalidName(f"{what} must be a string", what=what, value=value)
     prefix, slash, name = value.rpartition("/")
     if slash:
         object_name(prefix, what=f"{what} prefix")
     if not name:
-        raise InvalidName(f"{what} {shown(value)} has an empty name part")
+        raise InvalidName(f"{what} {shown(value)} has an empty name part", what=what, value=value)
     label_value(name, what=what)
     return value
 
@@ -107,9 +114,9 @@ def label_key(value: object, *, what: str = "label key") -> str:
 def labels(value: object, *, what: str = "labels") -> dict[str, str]:
     """A labels map: every key and value checked (at most 64 labels)."""
     if not isinstance(value, dict):
-        raise InvalidName(f"{what} must be a struct of strings")
+        raise InvalidName(f"{what} must be a struct of strings", what=what, value=value)
     if len(value) > 64:
-        raise InvalidName(f"{what}: at most 64 labels")
+        raise InvalidName(f"{what}: at most 64 labels", what=what, value=len(value))
     return {
         label_key(k, what=f"{what} key"): label_value(v, what=f"{what} value")
         for k, v in value.items()
@@ -119,9 +126,9 @@ def labels(value: object, *, what: str = "labels") -> dict[str, str]:
 def int_id(value: object, *, what: str = "id") -> int:
     """An id: an integer from 1 to 2**31-1 (booleans are not ids)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidName(f"{what} must be an integer")
+        raise InvalidName(f"{what} must be an integer", what=what, value=value)
     if not 1 <= value <= ID_MAX:
-        raise InvalidName(f"{what} {value} is out of range (1 to {ID_MAX})")
+        raise InvalidName(f"{what} {value} is out of range (1 to {ID_MAX})", what=what, value=value)
     return value
 
 
@@ -135,6 +142,8 @@ def path_segment(value: str, *, kind: str) -> str:
         return namespace(value)
     if kind == "subresource":
         if value not in _SUBRESOURCES:
-            raise InvalidName(f"unknown subresource {shown(value)}")
+            raise InvalidName(
+                f"unknown subresource {shown(value)}", what="subresource", value=value
+            )
         return value
     return object_name(value)

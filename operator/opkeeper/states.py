@@ -137,6 +137,7 @@ class Dialect(enum.StrEnum):
     """A legacy protocol whose state words we speak."""
 
     GANDI = "gandi"
+    GOCEPT = "gocept"
     XENAPI = "xenapi"
     CLOUDSTACK = "cloudstack"
     BDOM = "bdom"
@@ -148,6 +149,8 @@ class LegacyWords:
 
     gandi: str
     """Gandi ``state``: RUN, WAIT, DONE, ERROR, CANCEL, SCHEDULED."""
+    gocept: str
+    """gocept records carry the resource's own state names (Pending, WaitingExternal, ...)."""
     xenapi: str
     """XenAPI task ``status``: pending, success, failure, cancelled."""
     cloudstack: int
@@ -161,25 +164,33 @@ class LegacyWords:
 
 
 VOCABULARY: Mapping[State, LegacyWords] = {
-    State.PENDING: LegacyWords(gandi="RUN", xenapi="pending", cloudstack=0, bdom="PENDING_INT"),
-    State.RUNNING: LegacyWords(gandi="RUN", xenapi="pending", cloudstack=0, bdom="PENDING_INT"),
-    State.WAITING_EXTERNAL: LegacyWords(
-        gandi="WAIT", xenapi="pending", cloudstack=0, bdom="PENDING_EXT"
+    State.PENDING: LegacyWords(
+        gandi="RUN", gocept="Pending", xenapi="pending", cloudstack=0, bdom="PENDING_INT"
     ),
-    State.SUCCEEDED: LegacyWords(gandi="DONE", xenapi="success", cloudstack=1, bdom="SUCCESS"),
+    State.RUNNING: LegacyWords(
+        gandi="RUN", gocept="Running", xenapi="pending", cloudstack=0, bdom="PENDING_INT"
+    ),
+    State.WAITING_EXTERNAL: LegacyWords(
+        gandi="WAIT", gocept="WaitingExternal", xenapi="pending", cloudstack=0, bdom="PENDING_EXT"
+    ),
+    State.SUCCEEDED: LegacyWords(
+        gandi="DONE", gocept="Succeeded", xenapi="success", cloudstack=1, bdom="SUCCESS"
+    ),
     State.FAILED_INTERNAL: LegacyWords(
-        gandi="ERROR", xenapi="failure", cloudstack=2, bdom="FAILED_INT"
+        gandi="ERROR", gocept="FailedInternal", xenapi="failure", cloudstack=2, bdom="FAILED_INT"
     ),
     State.FAILED_EXTERNAL: LegacyWords(
-        gandi="ERROR", xenapi="failure", cloudstack=2, bdom="FAILED_EXT"
+        gandi="ERROR", gocept="FailedExternal", xenapi="failure", cloudstack=2, bdom="FAILED_EXT"
     ),
     State.CANCELLED: LegacyWords(
-        gandi="CANCEL", xenapi="cancelled", cloudstack=2, bdom="FAILED_INT"
+        gandi="CANCEL", gocept="Cancelled", xenapi="cancelled", cloudstack=2, bdom="FAILED_INT"
     ),
 }
 """The legacy word of every Operation state in every dialect."""
 
-SCHEDULED_WORDS = LegacyWords(gandi="SCHEDULED", xenapi="pending", cloudstack=0, bdom=None)
+SCHEDULED_WORDS = LegacyWords(
+    gandi="SCHEDULED", gocept="Scheduled", xenapi="pending", cloudstack=0, bdom=None
+)
 """How a ScheduledTask that has not fired yet looks to legacy clients."""
 
 

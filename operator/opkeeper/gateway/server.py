@@ -49,7 +49,7 @@ import prometheus_client.registry
 from aiohttp import web
 
 from opkeeper import ids, keys, kube
-from opkeeper.gateway import auth, cache, calllog, dispatch, faults, kubeio, service, xmlrpc
+from opkeeper.gateway import auth, cache, calllog, dialects, faults, kubeio, rpc, service, xmlrpc
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +238,11 @@ class Gateway:
         self.metrics = Metrics(
             cached=lambda: {"operation": len(self.operations), "scheduledtask": len(self.tasks)}
         )
-        self.dispatcher = dispatch.Dispatcher(
+        self.dispatcher = rpc.Dispatcher(
             svc=self.service,
             sessions=self.sessions,
             keyring=self.keyring,
+            methods=dialects.xmlrpc_methods(),
             limits=settings.limits,
             on_log_failure=self.metrics.call_log_failures.inc,
         )
@@ -304,13 +305,13 @@ class Gateway:
         started = time.perf_counter()
         body_or_error = await self._read_body(request)
         if isinstance(body_or_error, Exception):
-            fault, encoded = faults.encode(body_or_error)
-            outcome = dispatch.Outcome(body=encoded, dialect="none", method="unknown", fault=fault)
+            fault, encoded = faults.XMLRPC.encode(body_or_error)
+            outcome = rpc.Outcome(body=encoded, dialect="none", method="unknown", fault=fault)
             close = True
         else:
             outcome = await self.dispatcher.handle(
                 body=body_or_error,
-                request=dispatch.Request(
+                request=rpc.Request(
                     address=request.remote or "",
                     authorization=request.headers.get("Authorization"),
                     now=datetime.datetime.now(datetime.UTC),
