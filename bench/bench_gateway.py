@@ -242,12 +242,17 @@ class Result:
     client_cpu_seconds: float
     """CPU time the load generator (this process) used while the load ran."""
 
+    @property
+    def rate(self) -> float:
+        """Requests per second."""
+        return self.requests / self.seconds
+
     def summary(self) -> dict[str, float]:
         lat = sorted(self.latencies)
         q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else lat * 99
         return {
             "requests": self.requests,
-            "req_per_s": round(self.requests / self.seconds, 1),
+            "req_per_s": round(self.rate, 1),
             "p50_ms": round(q[49] * 1000, 2),
             "p99_ms": round(q[98] * 1000, 2),
             "max_ms": round(lat[-1] * 1000, 2),
@@ -306,20 +311,28 @@ class _Connection(asyncio.Protocol):
         return await self._waiter
 
 
-def http_post(host: str, port: int, body: bytes) -> bytes:
+def http_post(host: str, port: int, body: bytes, *, authorization: str | None = None) -> bytes:
     """A complete HTTP/1.1 POST of an XML-RPC body to /xmlrpc, built once and reused."""
+    auth = f"Authorization: {authorization}\r\n" if authorization else ""
     head = (
         f"POST /xmlrpc HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: text/xml\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"{auth}Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("ascii") + body
 
 
-async def load(port: int, bodies: list[bytes], *, duration: float, concurrency: int) -> Result:
+async def load(
+    port: int,
+    bodies: list[bytes],
+    *,
+    duration: float,
+    concurrency: int,
+    authorization: str | None = None,
+) -> Result:
     """``concurrency`` connections, each sending a random body of ``bodies`` as soon as
     the previous answer is in, until ``duration`` seconds have passed. Every answer
     must be HTTP 200 without a ``<fault>``; the CPU this process used is reported."""
-    requests = [http_post("127.0.0.1", port, body) for body in bodies]
+    requests = [http_post("127.0.0.1", port, body, authorization=authorization) for body in bodies]
     latencies: list[float] = []
     faults = 0
     loop = asyncio.get_running_loop()
@@ -456,6 +469,17 @@ async def bench_size(
         details_result = await load(port, details, duration=duration, concurrency=concurrency)
         details_cpu_us = (await gateways.cpu() - cpu_before) / details_result.requests * 1e6
         http_only = await baseline(duration=duration, concurrency=concurrency)
+        # gocept's read: query by id, authenticated per call with Basic auth.
+        queries = [
+            xmlrpc.client.dumps(("operation", {"id": rnd.randrange(1, size + 1)}), "query").encode()
+            for _ in range(2000)
+        ]
+        basic = "Basic " + base64.b64encode(f"bench:{KEY}".encode()).decode("ascii")
+        cpu_before = await gateways.cpu()
+        query_result = await load(
+            port, queries, duration=duration, concurrency=concurrency, authorization=basic
+        )
+        query_cpu_us = (await gateways.cpu() - cpu_before) / query_result.requests * 1e6
         cpu_before = await gateways.cpu()
         list_result = await load(
             port, list_bodies(session), duration=duration, concurrency=list_concurrency
@@ -472,6 +496,16 @@ async def bench_size(
         "concurrency": concurrency,
         "list_concurrency": list_concurrency,
         "details": {**details_result.summary(), "gateway_cpu_us_per_call": round(details_cpu_us)},
+        "gocept_query": {
+            **query_result.summary(),
+            "gateway_cpu_us_per_call": round(query_cpu_us),
+        },
+        # Each dialect's read rate as a fraction of HTTP alone, measured in the same run:
+        # the figure to compare across machines and runs.
+        "of_http_only": {
+            "gandi_details": round(details_result.rate / http_only["req_per_s"], 3),
+            "gocept_query": round(query_result.rate / http_only["req_per_s"], 3),
+        },
         "list": {**list_result.summary(), "gateway_cpu_us_per_call": round(list_cpu_us)},
         "list_one_client": list_serial.summary(),
         "peak_rss_mib": round(rss / 2**20, 1),
@@ -526,8 +560,10 @@ def table(report: dict[str, Any]) -> list[str]:
         " | details p50 ms | details p99 ms | list clients | list req/s | list p50 ms | list p99 ms"
         " | list p99 ms (1 client) | gateway CPU µs per details / list call"
         " | load generator CPU µs per details / list call | peak RSS MiB"
-        " | HTTP-only req/s (server CPU µs per call) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | HTTP-only req/s (server CPU µs per call)"
+        " | gocept query req/s (gateway CPU µs per call)"
+        " | of HTTP-only: Gandi details / gocept query |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         d, li, l1 = r["details"], r["list"], r["list_one_client"]
@@ -544,9 +580,24 @@ def table(report: dict[str, Any]) -> list[str]:
             f" | {li['p50_ms']} | {li['p99_ms']} | {l1['p99_ms']}"
             f" | {d['gateway_cpu_us_per_call']} / {li['gateway_cpu_us_per_call']} | {client}"
             f" | {r['peak_rss_mib']}"
-            f" | {r['http_only']['req_per_s']:,} ({r['http_only']['server_cpu_us_per_call']}) |"
+            f" | {r['http_only']['req_per_s']:,} ({r['http_only']['server_cpu_us_per_call']})"
+            f" | {_query_column(r)} | {_ratio_column(r)} |"
         )
     return lines
+
+
+def _query_column(run: dict[str, Any]) -> str:
+    query = run.get("gocept_query")
+    if query is None:
+        return "not measured"
+    return f"{query['req_per_s']:,} ({query['gateway_cpu_us_per_call']})"
+
+
+def _ratio_column(run: dict[str, Any]) -> str:
+    ratios = run.get("of_http_only")
+    if ratios is None:  # earlier runs: derived from the same run's figures
+        return f"{run['details']['req_per_s'] / run['http_only']['req_per_s']:.2f} / -"
+    return f"{ratios['gandi_details']:.2f} / {ratios['gocept_query']:.2f}"
 
 
 def heading(report: dict[str, Any]) -> str:
