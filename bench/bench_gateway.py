@@ -1,4 +1,5 @@
-"""Gateway benchmark: operation_details throughput and p99, operation_list p99, peak RSS.
+"""Gateway benchmark: Gandi operation_details and gocept query throughput (each also as a
+fraction of the HTTP-only ceiling measured in the same run), operation_list p99, peak RSS.
 
 The gateway runs in its own process (as in production) with N Operations in
 its cache; a load generator in this process drives it over loopback HTTP with
