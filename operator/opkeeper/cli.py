@@ -13,9 +13,10 @@ import datetime
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
-from opkeeper import kube
+from opkeeper import apikeys, errors, kube, names
 
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -144,7 +145,161 @@ def _gateway(args: argparse.Namespace) -> int:
     return gateway_cli.run(args)
 
 
-COMMANDS["gateway"] = ("run the XML-RPC gateway, or mint a demo API key", _gateway_parser, _gateway)
+COMMANDS["gateway"] = ("run the XML-RPC gateway", _gateway_parser, _gateway)
+
+
+def _checked(check: Callable[[object], str]) -> Callable[[str], str]:
+    """An argparse ``type`` from a boundary check: a refused value stops the command
+    with exit code 2 and the check's message, before anything reaches the cluster."""
+
+    def parse(value: str) -> str:
+        try:
+            return check(value)
+        except errors.InvalidArgument as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse
+
+
+def _apikey_parser(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key; it is printed once")
+    list_ = actions.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = actions.add_parser(
+        "revoke", help="delete a key by name, or every key of one user for one namespace"
+    )
+    for action in (create, list_, revoke):
+        action.add_argument(
+            "--kubeconfig",
+            help="kubeconfig path (default: $KUBECONFIG, then"
+            " ~/.kube/config, then the in-cluster service account)",
+        )
+        action.add_argument(
+            "--key-namespace",
+            default=apikeys.DEFAULT_KEY_NAMESPACE,
+            type=_checked(names.namespace),
+            help="namespace of the key Secrets, the gateway's --key-namespace (default"
+            f" {apikeys.DEFAULT_KEY_NAMESPACE}); for a gateway run with --key-namespace '*'"
+            " give the tenant's namespace, where such a gateway reads its keys",
+        )
+        action.add_argument(
+            "-o",
+            "--output",
+            choices=("text", "json"),
+            default="text",
+            help="text for people, json for scripts (default text)",
+        )
+    create.add_argument(
+        "-n",
+        "--namespace",
+        required=True,
+        type=_checked(names.namespace),
+        help="the one namespace the key may use",
+    )
+    create.add_argument(
+        "--user",
+        required=True,
+        type=_checked(apikeys.user_id),
+        help="user id (letters, digits, '.', '_', '@', '-'): the Gandi login",
+    )
+    create.add_argument(
+        "--url",
+        default=apikeys.DEFAULT_URL,
+        type=_checked(apikeys.gateway_url),
+        help=f"the gateway's base URL in the printed snippets (default {apikeys.DEFAULT_URL})",
+    )
+    list_.add_argument(
+        "-n", "--namespace", type=_checked(names.namespace), help="only keys for this namespace"
+    )
+    revoke.add_argument(
+        "name", nargs="?", type=_checked(names.object_name), help="the key's Secret name"
+    )
+    revoke.add_argument(
+        "--user", type=_checked(apikeys.user_id), help="every key of this user (with --namespace)"
+    )
+    revoke.add_argument(
+        "-n",
+        "--namespace",
+        type=_checked(names.namespace),
+        help="the namespace --user's keys grant",
+    )
+    revoke.set_defaults(usage_error=revoke.error)
+
+
+def _apikey(args: argparse.Namespace) -> int:
+    if args.action == "revoke" and (
+        (args.name is None) == (args.user is None)
+        or (args.user is None) != (args.namespace is None)
+    ):
+        args.usage_error("give either NAME, or --user and --namespace")
+    try:
+        return asyncio.run(_apikey_run(args))
+    except errors.OpkeeperError as exc:  # the API server refused or did not answer
+        print(f"opkeeper apikey {args.action}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _apikey_run(args: argparse.Namespace) -> int:
+    credentials = kube.Credentials.auto(args.kubeconfig)
+    async with kube.Client(credentials, field_manager="opkeeper-apikey") as client:
+        return await _APIKEY_ACTIONS[args.action](client, args)
+
+
+async def _apikey_create(client: kube.Client, args: argparse.Namespace) -> int:
+    key = await apikeys.create(
+        client, key_namespace=args.key_namespace, tenant=args.namespace, user=args.user
+    )
+    print(json.dumps(key.to_json(), indent=2) if args.output == "json" else key.text(url=args.url))
+    return 0
+
+
+async def _apikey_list(client: kube.Client, args: argparse.Namespace) -> int:
+    keys = await apikeys.list_keys(client, key_namespace=args.key_namespace, tenant=args.namespace)
+    if keys or args.output == "json":
+        _print_keys(keys, output=args.output)
+    else:
+        which = f" for namespace {args.namespace}" if args.namespace else ""
+        print(f"No API keys{which} in {args.key_namespace}.", file=sys.stderr)
+    return 0
+
+
+async def _apikey_revoke(client: kube.Client, args: argparse.Namespace) -> int:
+    if args.name is not None:
+        deleted = await apikeys.revoke(client, key_namespace=args.key_namespace, name=args.name)
+        wanted = f"no API key named {args.name}"
+    else:
+        deleted = await apikeys.revoke_user(
+            client, key_namespace=args.key_namespace, tenant=args.namespace, user=args.user
+        )
+        wanted = f"no API key of user {args.user} for namespace {args.namespace}"
+    if not deleted:
+        print(
+            f"opkeeper apikey revoke: {wanted} in {args.key_namespace}; nothing revoked",
+            file=sys.stderr,
+        )
+        return 2
+    if args.output == "json":
+        _print_keys(deleted, output=args.output)
+    else:
+        for k in deleted:
+            print(f"revoked {k.name} (user {k.user_id}, namespace {k.namespace})")
+    return 0
+
+
+_APIKEY_ACTIONS: dict[
+    str, Callable[[kube.Client, argparse.Namespace], Coroutine[Any, Any, int]]
+] = {"create": _apikey_create, "list": _apikey_list, "revoke": _apikey_revoke}
+
+
+def _print_keys(keys: Sequence[apikeys.ApiKey], *, output: str) -> None:
+    print(
+        json.dumps([k.to_json() for k in keys], indent=2)
+        if output == "json"
+        else apikeys.table(keys)
+    )
+
+
+COMMANDS["apikey"] = ("create, list and revoke the gateway's API keys", _apikey_parser, _apikey)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,8 @@ from opkeeper import localcluster
 
 STATE_DIR = localcluster.DEFAULT_STATE_DIR
 DEMO_NAMESPACE = "opkeeper-demo"
+DEMO_USER = "demo"
+"""User id of the API key `make dev` creates (the Gandi login of its snippet)."""
 EXAMPLES = localcluster.REPO_ROOT / "examples"
 LOG_TAIL_LINES = 20
 """Lines of a component's log shown when it fails to start."""
@@ -351,6 +353,22 @@ def _gateway_command(settings: DevSettings) -> list[str]:
     return [_opkeeper(), "gateway", "--host", "127.0.0.1", "--port", str(settings.gateway_port)]
 
 
+def demo_key_command(settings: DevSettings) -> list[str]:
+    """``opkeeper apikey create`` for the demo namespace: it prints the key with a
+    ready-to-paste snippet per dialect, pointing at this `make dev`'s gateway."""
+    return [
+        _opkeeper(),
+        "apikey",
+        "create",
+        "--namespace",
+        DEMO_NAMESPACE,
+        "--user",
+        DEMO_USER,
+        "--url",
+        f"http://127.0.0.1:{settings.gateway_port}",
+    ]
+
+
 def components(state_dir: pathlib.Path) -> list[Component]:
     """What `make dev-down` stops: the gateway first (so it accepts no write that the
     stopped controller would never act on), the controller, then any other pid file
@@ -457,12 +475,7 @@ def up(settings: DevSettings, *, state_dir: pathlib.Path = STATE_DIR) -> int:
     except (StartFailed, localcluster.LocalClusterError) as failed:
         print(f"make dev failed: {failed}\n`make dev-down` stops what did start.", file=sys.stderr)
         return 1
-    demo = subprocess.run(
-        [*_gateway_command(settings), "--demo-key", DEMO_NAMESPACE],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    demo = subprocess.run(demo_key_command(settings), env=env, capture_output=True, text=True)
     print(demo.stdout if demo.returncode == 0 else f"demo API key failed:\n{demo.stderr}")
     print(
         f"\nThe control plane, controller and gateway keep running (`make dev-down` stops them).\n"

@@ -1,22 +1,16 @@
-"""``opkeeper gateway``: run the gateway, or mint a demo API key and print a client snippet.
+"""``opkeeper gateway``: run the gateway.
 
-The snippet is what ``make dev`` shows: a Python 3 ``xmlrpc.client`` session
-that logs in with the fresh key and lists the demo namespace's operations,
-ready to paste. The key is printed once, here, and stored only as a hash.
+Its API keys are made by ``opkeeper apikey`` (:mod:`opkeeper.apikeys`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import secrets
-import textwrap
 
-from opkeeper import kube
-from opkeeper.gateway import auth, calllog, kubeio, server, service, xmlrpc
+from opkeeper.gateway import auth, calllog, server, service, xmlrpc
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ' e.g. domain_check=\'{"builtin": {"action": "noop"}}\'; repeatable'
         " (default for other types: external)",
     )
-    parser.add_argument(
-        "--demo-key",
-        metavar="NAMESPACE",
-        help="instead of serving: create an API key for NAMESPACE, print a"
-        " ready-to-paste Python snippet and exit",
-    )
-    parser.add_argument("--demo-user", default="demo", help="user id of the demo key")
-    parser.add_argument(
-        "--url", help="gateway URL the demo snippet uses (default http://HOST:PORT/xmlrpc)"
-    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -138,56 +122,9 @@ def settings_from(args: argparse.Namespace) -> server.Settings:
     )
 
 
-def snippet(*, url: str, key: str, namespace: str) -> str:
-    """A Python 3 xmlrpc.client session against the gateway, ready to paste."""
-    return textwrap.dedent(
-        f"""\
-        import pprint, xmlrpc.client
-        proxy = xmlrpc.client.ServerProxy("{url}")
-        session = proxy.login("{key}")  # API key of namespace {namespace}
-        for opid in proxy.operation_list(session, {{}}):
-            pprint.pprint(proxy.operation_details(session, opid))
-        """
-    )
-
-
-async def create_demo_key(
-    client: kube.Client, *, key_namespace: str, tenant: str, user_id: str
-) -> str:
-    """Create an API key Secret granting ``tenant`` to ``user_id``; returns the key."""
-    key = auth.new_key()
-    name = f"api-key-{tenant}-{secrets.token_hex(3)}"[:63]
-    with contextlib.suppress(kube.AlreadyExists):
-        await client.create(
-            kube.NAMESPACES,
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": key_namespace}},
-        )
-    await client.create(
-        kubeio.SECRETS,
-        auth.key_secret(
-            name=name, namespace=key_namespace, key=key, user_id=user_id, tenant=tenant
-        ),
-        namespace=key_namespace,
-    )
-    return key
-
-
-async def _demo(args: argparse.Namespace, settings: server.Settings) -> int:
-    key_namespace = settings.keyring.namespace or args.demo_key
-    async with kube.Client(kube.Credentials.auto(args.kubeconfig)) as client:
-        key = await create_demo_key(
-            client, key_namespace=key_namespace, tenant=args.demo_key, user_id=args.demo_user
-        )
-    url = args.url or f"http://{settings.host}:{settings.port}/xmlrpc"
-    print(snippet(url=url, key=key, namespace=args.demo_key))
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
     server.setup_logging(level=args.log_level)
     settings = settings_from(args)
-    if args.demo_key:
-        return asyncio.run(_demo(args, settings))
     log.info("call log: %s (kept %s)", settings.call_log_path, calllog.RETENTION)
     if settings.workers > 1:
         return server.serve_workers(
