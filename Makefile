@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help install binaries crds lint test test-unit dev dev-down cluster cluster-down bench clean
+.PHONY: help install binaries clients crds lint test test-unit dev dev-down cluster cluster-down bench clean
 
 help:
 	@echo "make dev         local control plane + controller + gateway + demo data"
@@ -14,6 +14,7 @@ help:
 	@echo "make cluster     only the local control plane; prints the kubeconfig path"
 	@echo "make crds        regenerate crds/ from the models"
 	@echo "make lint        ruff and mypy"
+	@echo "make clients     Perl's and PHP's XML-RPC clients (Debian packages) for the tests"
 	@echo "make bench       the benchmarks under bench/"
 
 $(STAMP): pyproject.toml
@@ -28,6 +29,28 @@ install: $(STAMP)
 binaries: install
 	$(PY) -m opkeeper.localcluster build
 
+# The legacy clients tests/test_read_your_writes.py drives as they are used in the field:
+# Perl's XMLRPC::Lite and PHP's xmlrpc extension, from Debian's packages (apt-get as root,
+# through sudo otherwise). The package lists are refreshed only when an install fails.
+CLIENT_PACKAGES := libxmlrpc-lite-perl php-cli php-xmlrpc
+clients:
+	@if perl -MXMLRPC::Lite -e1 2>/dev/null && php -m 2>/dev/null | grep -qix xmlrpc; then \
+	  exit 0; \
+	fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "make clients: install Perl's XMLRPC::Lite and PHP with its xmlrpc extension" \
+	    "(Debian: $(CLIENT_PACKAGES)); there is no apt-get here" >&2; \
+	  exit 1; \
+	fi; \
+	sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	install="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(CLIENT_PACKAGES)"; \
+	$$install || { $$sudo apt-get update && $$install; } || exit 1; \
+	perl -MXMLRPC::Lite -e1 && php -m | grep -qix xmlrpc || { \
+	  echo "make clients: $(CLIENT_PACKAGES) installed, but XMLRPC::Lite or PHP's xmlrpc" \
+	    "extension still does not load" >&2; \
+	  exit 1; \
+	}
+
 crds: install
 	$(PY) -m opkeeper.crdgen .
 
@@ -36,7 +59,7 @@ lint: install
 	$(VENV)/bin/ruff format --check operator tests bench
 	$(VENV)/bin/mypy
 
-test: lint binaries
+test: lint binaries clients
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: install

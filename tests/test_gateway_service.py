@@ -74,6 +74,23 @@ class FakeKube:
         except KeyError:
             raise errors.NotFound(f"{name} not found") from None
 
+    async def list(
+        self,
+        resource: kube.Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> kube.ObjectList:
+        label, _, value = (label_selector or "").partition("=")
+        items = [
+            copy.deepcopy(obj)
+            for (plural, ns, _), obj in self.objects.items()
+            if plural == resource.plural
+            and ns == namespace
+            and (not label or obj["metadata"].get("labels", {}).get(label) == value)
+        ]
+        return kube.ObjectList(items=items, resource_version=str(self.rv))
+
     async def create(
         self,
         resource: kube.Resource,
@@ -234,7 +251,12 @@ def build() -> tuple[service.Service, FakeKube]:
         id_allocator=Counter(),
         id_seal=FixedSeal(),
         call_log=MemoryCallLog(),
-        settings=service.Settings(executors={"noop": {"builtin": {"action": "noop"}}}),
+        # No controller here: a relaunch or a cancel waits this bound out and answers as
+        # done; the cluster tests (test_read_your_writes) cover the controller's answer.
+        settings=service.Settings(
+            executors={"noop": {"builtin": {"action": "noop"}}},
+            write_visible_timeout_seconds=0.05,
+        ),
     )
     return svc, fake
 

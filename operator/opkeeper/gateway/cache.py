@@ -22,10 +22,17 @@ managedFields and annotations, which can be large and no read needs), so the
 facades can build full records without another request. The cache is fed by
 :func:`.kubeio.feed`; it has no I/O of its own, which keeps it testable and
 benchmarkable without a cluster.
+
+Only the watch changes the cache, and a writer waits for it
+(:meth:`_Table.wait`): the service answers a write once the watch has
+brought the resourceVersion the write produced and, for a relaunch or a
+cancel, the controller's answer to it. Every event wakes the writers waiting
+on the kind; each checks its own condition, so nothing polls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import dataclasses
 import datetime
@@ -34,7 +41,7 @@ import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NewType, TypeVar
 
-from opkeeper import GROUP, states
+from opkeeper import GROUP, kube, states
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +202,16 @@ class TaskEntry:
 E = TypeVar("E", OperationEntry, TaskEntry)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class _Waiter(Generic[E]):
+    """A writer waiting until the watch shows its write (see :meth:`_Table.wait`)."""
+
+    key: tuple[str, str]
+    version: int
+    holds: Callable[[E | None], bool]
+    done: asyncio.Future[None]
+
+
 class _Table(Generic[E]):
     """Entries of one kind plus their indexes; every change goes through apply/reset."""
 
@@ -220,6 +237,10 @@ class _Table(Generic[E]):
         self.ns_time_ids: dict[str, list[OpId]] = {}
         """The ids of :attr:`ns_times` in the same order: a date window's ids are then one
         C-level slice instead of a comprehension over tuples."""
+        self.watched_version = 0
+        """The highest resourceVersion the watch has brought. One watch delivers a kind's
+        changes in resourceVersion order, so every change up to this version is in."""
+        self._waiters: list[_Waiter[E]] = []
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -228,15 +249,21 @@ class _Table(Generic[E]):
         """Replace everything by a fresh LIST (bulk: sorts once instead of per insert)."""
         self.by_key, self.by_id, self.eq, self.ordered, self.id_sets = {}, {}, {}, {}, {}
         self.ns_names, self.ns_ids, self.ns_times, self.ns_time_ids = {}, {}, {}, {}
+        # The list is at least as new as anything watched before it; its newest object is
+        # a lower bound of its resourceVersion (a SYNC does not carry the list's own).
+        newest = self.watched_version
         for obj in objects:
             entry = self._build(obj)
             self.by_key[(entry.namespace, entry.name)] = entry
             self._index(entry, bulk=True)
+            newest = max(newest, kube.resource_version_of(obj))
         for sorted_list in (*self.ns_ids.values(), *self.ordered.values()):
             sorted_list.sort()
         for ns, times in self.ns_times.items():
             times.sort()
             self.ns_time_ids[ns] = [id_ for _, id_ in times]
+        self.watched_version = newest
+        self._wake()
 
     def apply(self, *, event: str, obj: Mapping[str, Any]) -> None:
         """One watch event: ADDED, MODIFIED or DELETED."""
@@ -249,6 +276,41 @@ class _Table(Generic[E]):
             entry = self._build(obj)
             self.by_key[key] = entry
             self._index(entry, bulk=False)
+        self.watched_version = max(self.watched_version, kube.resource_version_of(obj))
+        if self._waiters:
+            self._wake()
+
+    async def wait(
+        self, namespace: str, name: str, *, version: int, holds: Callable[[E | None], bool]
+    ) -> None:
+        """Return once the watch has brought ``version`` of this kind (or a newer one) and
+        ``holds`` is true of the entry of ``namespace``/``name`` (None: no such object).
+
+        Waits as long as it takes: the caller bounds it (``asyncio.timeout``)."""
+        key = (namespace, name)
+        if self.watched_version >= version and holds(self.by_key.get(key)):
+            return
+        waiter: _Waiter[E] = _Waiter(
+            key=key,
+            version=version,
+            holds=holds,
+            done=asyncio.get_running_loop().create_future(),
+        )
+        self._waiters.append(waiter)
+        try:
+            await waiter.done
+        finally:
+            self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        # As many waiters as writes in flight on this process: a short list.
+        for waiter in self._waiters:
+            if (
+                not waiter.done.done()
+                and self.watched_version >= waiter.version
+                and waiter.holds(self.by_key.get(waiter.key))
+            ):
+                waiter.done.set_result(None)
 
     def _index(self, entry: E, *, bulk: bool) -> None:
         ns = entry.namespace

@@ -71,6 +71,16 @@ class Upstream:
         )
 
     @_upstream
+    async def list(
+        self,
+        resource: kube.Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> kube.ObjectList:
+        return await self._client.list(resource, namespace=namespace, label_selector=label_selector)
+
+    @_upstream
     async def create(
         self,
         resource: kube.Resource,

@@ -143,6 +143,13 @@ class Metrics:
             "Calls answered although their call log entry could not be stored.",
             registry=self.registry,
         )
+        self.writes_not_visible = prometheus_client.Counter(
+            "opkeeper_gateway_writes_not_visible",
+            "Writes answered as done before the next read could see them (the watch or the"
+            " controller took longer than write_visible_timeout_seconds).",
+            ["write"],
+            registry=self.registry,
+        )
         summed = self.registry
         shared = os.environ.get(MULTIPROC_DIR)
         if shared:
@@ -220,6 +227,9 @@ class Gateway:
             ),
         )
         self.call_log = call_log
+        self.metrics = Metrics(
+            cached=lambda: {"operation": len(self.operations), "scheduledtask": len(self.tasks)}
+        )
         self.service = service.Service(
             operations=self.operations,
             tasks=self.tasks,
@@ -234,9 +244,7 @@ class Gateway:
             id_seal=id_seal or ids.IdSeal(kube_client, namespace=settings.system_namespace),
             call_log=call_log,
             settings=settings.service,
-        )
-        self.metrics = Metrics(
-            cached=lambda: {"operation": len(self.operations), "scheduledtask": len(self.tasks)}
+            on_write_not_visible=lambda write: self.metrics.writes_not_visible.labels(write).inc(),
         )
         self.dispatcher = rpc.Dispatcher(
             svc=self.service,

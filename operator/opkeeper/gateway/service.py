@@ -11,18 +11,30 @@ the controller do the rest.
 Writes are conditional on the resourceVersion the decision was based on; if
 the object moved on meanwhile (a 409), the service reads it fresh and
 decides again, so a cancel can never slip past an operation that finished a
-moment ago. After a write, the returned object goes into the cache at once
-(unless the watch already brought something newer), so a client that
-creates and then immediately asks for details finds its operation.
+moment ago. A refusal is decided on the API server's current object, never
+on a cache that may lag behind it.
+
+Read-your-writes: legacy clients were written against systems whose writes
+were synchronous, so a write returns only once the next read sees it: once
+this process's watch has brought the resourceVersion the write produced
+and, for a relaunch or a cancel, the controller's answer (a new attempt, or
+the operation finished). The wait is on the watch feed
+(:meth:`.cache._Table.wait`) and bounded by
+:attr:`Settings.write_visible_timeout_seconds`; past the bound the write
+stands and the call succeeds anyway (a log line and ``on_write_not_visible``
+say so), because a failure answer would make a client repeat a write that
+happened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
+import functools
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import pydantic
@@ -46,6 +58,14 @@ class Kube(Protocol):
         namespace: str | None = None,
         subresource: str | None = None,
     ) -> Body: ...
+
+    async def list(
+        self,
+        resource: kube.Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> kube.ObjectList: ...
 
     async def create(
         self,
@@ -133,6 +153,12 @@ class Settings:
     max_spec_bytes: int = 64 * 1024
     """Largest spec (params included, as JSON) a legacy write may store (default 64 KiB):
     every byte goes to etcd and into every watcher's cache."""
+    write_visible_timeout_seconds: float = 10.0
+    """Longest time a write (create, relaunch, cancel, apply) waits before it answers
+    until the next read will see it: the watch has brought the version it wrote and, for
+    a relaunch or a cancel, the controller has acted on it (default 10 s). Past it the
+    write stands and the call answers success anyway; a line is logged and
+    ``opkeeper_gateway_writes_not_visible_total`` counts it."""
 
     def executor_for(self, type_: str) -> dict[str, Any]:
         return dict(self.executors.get(type_, self.default_executor))
@@ -162,6 +188,17 @@ class _Step:
     """The object as the API server returned it."""
 
 
+WriteKind = Literal["create", "relaunch", "cancel", "apply"]
+"""The writes whose visibility is waited for (the label of the not-visible metric)."""
+
+Shown = Callable[[], Awaitable[None]]
+"""A wait (not yet started) that ends once a write is visible in the cache."""
+
+
+def _ignore(write: WriteKind) -> None:
+    """The default ``on_write_not_visible``: the log line is the only trace."""
+
+
 class Service:
     """Lists, details, creates, relaunches, cancels, applies, queries and logs."""
 
@@ -176,6 +213,7 @@ class Service:
         id_seal: Seal,
         call_log: calllog.CallLog,
         settings: Settings,
+        on_write_not_visible: Callable[[WriteKind], None] = _ignore,
     ) -> None:
         self.operations = operations
         self.tasks = tasks
@@ -185,6 +223,7 @@ class Service:
         self._seal = id_seal
         self.call_log = call_log
         self.settings = settings
+        self._on_write_not_visible = on_write_not_visible
 
     # --- reads ---------------------------------------------------------------
 
@@ -299,13 +338,18 @@ class Service:
             "spec": spec.to_k8s(),
         }
         created = await self._kube.create(kube.OPERATIONS, body, namespace=who.tenant)
-        self._remember(self.operations, created, based_on=None)
+        await self._until_visible(
+            write="create",
+            subject=f"{who.tenant}/op-{id_}",
+            waits=[self._shown_operation(created)],
+        )
         return id_
 
     async def relaunch(
         self, *, who: auth.Identity, id_: cache.OpId, params: Mapping[str, Any]
     ) -> None:
-        """Merge ``params`` into the operation's params and bump ``spec.relaunch``."""
+        """Merge ``params`` into the operation's params, bump ``spec.relaunch`` and withdraw
+        an earlier ``spec.cancel`` (still present, it would cancel the new attempt)."""
 
         def plan(entry: cache.OperationEntry) -> Body | None:
             states.transition(entry.state, states.Event.RELAUNCH)
@@ -314,11 +358,20 @@ class Service:
                 **records.storable(params, where="params"),
             }
             self._check_size({"params": merged}, where=f"operation {id_}")
-            return {
-                "spec": {"params": merged, "relaunch": int(entry.spec.get("relaunch") or 0) + 1}
-            }
+            spec: Body = {"params": merged, "relaunch": int(entry.spec.get("relaunch") or 0) + 1}
+            if entry.spec.get("cancel"):
+                spec["cancel"] = None  # merge patch: remove the key
+            return {"spec": spec}
 
-        await self._conditional_patch(who=who, id_=id_, plan=plan)
+        await self._conditional_patch(
+            who=who,
+            id_=id_,
+            write="relaunch",
+            plan=plan,
+            acted=lambda op: _relaunch_answered(
+                uid=op.uid, relaunch=int(op.spec.get("relaunch") or 0)
+            ),
+        )
 
     async def cancel(self, *, who: auth.Identity, id_: cache.OpId) -> None:
         """Set ``spec.cancel``; refused (IllegalTransition) once the operation finished."""
@@ -327,36 +380,127 @@ class Service:
             states.transition(entry.state, states.Event.CANCEL)
             return None if entry.spec.get("cancel") else {"spec": {"cancel": True}}
 
-        await self._conditional_patch(who=who, id_=id_, plan=plan)
+        # Also when spec.cancel was set already: the caller is told "cancelled" once the
+        # next read says so.
+        await self._conditional_patch(
+            who=who,
+            id_=id_,
+            write="cancel",
+            plan=plan,
+            acted=lambda op: _finished(uid=op.uid),
+        )
 
     async def _conditional_patch(
         self,
         *,
         who: auth.Identity,
         id_: cache.OpId,
+        write: WriteKind,
         plan: Callable[[cache.OperationEntry], Body | None],
+        acted: Callable[[cache.OperationEntry], Callable[[cache.OperationEntry | None], bool]],
     ) -> None:
-        entry = self.operation(who=who, id_=id_)
+        """Write ``plan``'s patch on the version it was decided on, then wait until the
+        controller has ``acted`` on the written version (a predicate of the entry)."""
+        entry = self.operations.get_id(who.tenant, id_)
+        fresh = entry is None
+        if entry is None:
+            entry = await self._fetch_id(who=who, id_=id_)
         for _ in range(self.settings.write_attempts):
-            patch: Body | None = plan(entry)
+            try:
+                patch: Body | None = plan(entry)
+            except errors.IllegalTransition:
+                if fresh:
+                    raise
+                # This process's watch may lag behind the API server (the controller acted
+                # on another worker's write a moment ago): refuse only what the current
+                # object refuses.
+                entry, fresh = await self._fetch(entry, id_=id_), True
+                continue
             if patch is None:
-                return
+                written = entry
+                break
             patch["metadata"] = {"resourceVersion": entry.resource_version}
             try:
                 updated = await self._kube.patch(
                     kube.OPERATIONS, name=entry.name, namespace=entry.namespace, body=patch
                 )
             except errors.Conflict:
-                fresh = await self._kube.get(
-                    kube.OPERATIONS, name=entry.name, namespace=entry.namespace
-                )
-                entry = cache.OperationEntry.from_object(fresh)
+                entry, fresh = await self._fetch(entry, id_=id_), True
                 continue
             except errors.NotFound:
                 raise errors.NotFound(f"operation {id_} not found") from None
-            self._remember(self.operations, updated, based_on=entry.resource_version)
-            return
-        raise errors.Conflict(f"operation {id_} keeps changing; try again")
+            written = cache.OperationEntry.from_object(updated)
+            break
+        else:
+            raise errors.Conflict(f"operation {id_} keeps changing; try again")
+        await self._until_visible(
+            write=write,
+            subject=f"{written.namespace}/{written.name}",
+            waits=[
+                functools.partial(
+                    self.operations.wait,
+                    written.namespace,
+                    written.name,
+                    version=kube.resource_version_of({"metadata": written.metadata}),
+                    holds=acted(written),
+                )
+            ],
+        )
+
+    async def _fetch(self, entry: cache.OperationEntry, *, id_: cache.OpId) -> cache.OperationEntry:
+        """The operation as the API server has it now."""
+        try:
+            fresh = await self._kube.get(
+                kube.OPERATIONS, name=entry.name, namespace=entry.namespace
+            )
+        except errors.NotFound:
+            raise errors.NotFound(f"operation {id_} not found") from None
+        return cache.OperationEntry.from_object(fresh)
+
+    async def _fetch_id(self, *, who: auth.Identity, id_: cache.OpId) -> cache.OperationEntry:
+        """The operation with ``id_`` from the API server, for a write this process's cache
+        cannot find: its watch may not have brought an operation that another worker or
+        replica created a moment ago, and "not found" would be wrong. One LIST by the id
+        label, in the caller's namespace only."""
+        listed = await self._kube.list(
+            kube.OPERATIONS, namespace=who.tenant, label_selector=f"{cache.ID_LABEL}={id_}"
+        )
+        found = [e for e in map(cache.OperationEntry.from_object, listed.items) if e.id == id_]
+        if not found:
+            raise errors.NotFound(f"operation {id_} not found")
+        # As in the cache: the first object with an id keeps it, a labelled copy does not.
+        return min(found, key=lambda e: (e.date_created, e.name))
+
+    async def _until_visible(
+        self, *, write: WriteKind, subject: str, waits: Sequence[Shown]
+    ) -> None:
+        """Return once every wait has ended, or once the bound has passed: the write stands
+        either way, and a failure answer would make the client repeat it."""
+        bound = self.settings.write_visible_timeout_seconds
+        try:
+            async with asyncio.timeout(bound):
+                for wait in waits:
+                    await wait()
+        except TimeoutError:
+            log.warning(
+                "%s of %s made but not visible after %.1f s (the watch or the controller is"
+                " behind); answered as done",
+                write,
+                subject,
+                bound,
+            )
+            self._on_write_not_visible(write)
+
+    def _shown_operation(self, obj: Body) -> Shown:
+        """Wait for the watch to bring this version of an Operation (or a newer one)."""
+        meta = obj["metadata"]
+        return functools.partial(
+            self.operations.wait,
+            meta["namespace"],
+            meta["name"],
+            version=kube.resource_version_of(obj),
+            holds=_anything,
+        )
 
     def _check_size(self, spec: Mapping[str, Any], *, where: str) -> None:
         size = len(json.dumps(spec, separators=(",", ":"), default=str))
@@ -365,18 +509,6 @@ class Service:
                 f"{where}: the spec is {size} bytes as JSON; at most"
                 f" {self.settings.max_spec_bytes} are stored"
             )
-
-    @staticmethod
-    def _remember(
-        table: cache.OperationCache | cache.TaskCache, obj: Body, *, based_on: str | None
-    ) -> None:
-        """Put our write's result into the cache unless the watch is already past it."""
-        meta = obj.get("metadata") or {}
-        current = table.get(str(meta.get("namespace")), str(meta.get("name")))
-        if (current is None and based_on is None) or (
-            current is not None and current.resource_version == based_on
-        ):
-            table.apply(event="MODIFIED", obj=obj)
 
     # --- gocept apply ------------------------------------------------------------
 
@@ -396,9 +528,7 @@ class Service:
                     f"record {p.index + 1}: {p.type} {p.name} appears twice in the batch"
                 )
             seen.add((p.type, p.name))
-        steps = [s for p in parsed if (s := await self._plan(who=who, parsed=p)) is not None]
-        for step in steps:
-            await self._validate(who=who, step=step)
+        steps = [s for p in parsed if (s := await self._prepare(who=who, parsed=p)) is not None]
         # Deletes last: they are the one write an undo cannot restore exactly.
         ordered = [s for s in steps if s.verb != "delete"] + [
             s for s in steps if s.verb == "delete"
@@ -406,14 +536,21 @@ class Service:
         done: list[_Step] = []
         try:
             for step in ordered:
-                await self._write(who=who, step=step)
-                done.append(step)
-        except Exception as exc:
-            await self._undo(who=who, done=done)
-            failed = ordered[len(done)].parsed
-            raise _rewrap(exc, f"record {failed.index + 1} ({failed.type} {failed.name})") from exc
+                written = await self._write_fresh(who=who, step=step)
+                if written is not None:
+                    done.append(written)
+        except Exception:
+            undone = await self._undo(who=who, done=done)
+            # The fault, too, is answered once the next read shows the batch undone.
+            await self._until_visible(write="apply", subject=f"undo in {who.tenant}", waits=undone)
+            raise
+        await self._until_visible(
+            write="apply",
+            subject=f"{len(done)} records in {who.tenant}",
+            waits=[self._shown_step(who=who, step=step) for step in done],
+        )
         results: list[records.Record] = []
-        by_record = {step.parsed.index: step for step in steps}
+        by_record = {step.parsed.index: step for step in done}
         for p in parsed:
             if p.action == "delete":
                 continue
@@ -423,6 +560,47 @@ class Service:
                 obj = await self._kube.get(_resource(p.type), name=p.name, namespace=who.tenant)
             results.append(_record_of(p.type, obj))
         return results
+
+    async def _prepare(self, *, who: auth.Identity, parsed: records.Parsed) -> _Step | None:
+        """Plan a record's write and validate it by dry run; None when nothing changes."""
+        for _ in range(self.settings.write_attempts - 1):
+            step = await self._plan(who=who, parsed=parsed)
+            if step is None:
+                return None
+            try:
+                await self._validate(who=who, step=step)
+            except errors.Conflict:
+                # The object changed between its read and its dry run (the controller
+                # writes status after every spec change, so an apply right after another
+                # write meets this): plan again on a fresh read.
+                continue
+            return step
+        step = await self._plan(who=who, parsed=parsed)
+        if step is not None:
+            await self._validate(who=who, step=step)
+        return step
+
+    async def _write_fresh(self, *, who: auth.Identity, step: _Step) -> _Step | None:
+        """Write a prepared step; if its object changed since it was read (409), prepare
+        the record again on a fresh read and write that. Returns the step written, None
+        when the fresh read needs no write. Errors name the record."""
+        where = f"record {step.parsed.index + 1} ({step.parsed.type} {step.parsed.name})"
+        for _ in range(self.settings.write_attempts - 1):
+            try:
+                await self._write(who=who, step=step)
+                return step
+            except errors.Conflict:
+                again = await self._prepare(who=who, parsed=step.parsed)
+                if again is None:
+                    return None
+                step = again
+            except Exception as exc:
+                raise _rewrap(exc, where) from exc
+        try:
+            await self._write(who=who, step=step)
+        except Exception as exc:
+            raise _rewrap(exc, where) from exc
+        return step
 
     async def _plan(self, *, who: auth.Identity, parsed: records.Parsed) -> _Step | None:
         resource = _resource(parsed.type)
@@ -527,16 +705,12 @@ class Service:
             raise _rewrap(exc, where) from exc
 
     async def _write(self, *, who: auth.Identity, step: _Step) -> None:
-        table = self.operations if step.parsed.type == "operation" else self.tasks
         if step.verb == "create":
             step.after = await self._kube.create(step.resource, step.body, namespace=who.tenant)
-            self._remember(table, step.after, based_on=None)
         elif step.verb == "patch":
             step.after = await self._kube.patch(
                 step.resource, name=step.parsed.name, namespace=who.tenant, body=step.body
             )
-            assert step.before is not None
-            self._remember(table, step.after, based_on=step.before["metadata"]["resourceVersion"])
         else:
             assert step.before is not None
             await self._kube.delete(
@@ -546,8 +720,51 @@ class Service:
                 uid=step.before["metadata"]["uid"],
             )
 
-    async def _undo(self, *, who: auth.Identity, done: list[_Step]) -> None:
-        """Reverse completed writes, newest first; failures are logged, not raised."""
+    def _shown_step(self, *, who: auth.Identity, step: _Step) -> Shown:
+        """Wait until the cache shows an apply step: the version it wrote (or a newer one),
+        the object gone after a delete, and a cancel or a relaunch answered by the
+        controller, exactly as for Gandi's operation_cancel and operation_relaunch."""
+        if step.verb == "delete":
+            assert step.before is not None
+            return self._shown_in(
+                who=who,
+                step=step,
+                version=kube.resource_version_of(step.before),
+                holds=_gone(uid=step.before["metadata"]["uid"]),
+            )
+        assert step.after is not None
+        version = kube.resource_version_of(step.after)
+        if step.parsed.type == "operation" and step.before is not None:
+            old, new = step.before.get("spec") or {}, step.after.get("spec") or {}
+            uid = step.after["metadata"]["uid"]
+            acted: Callable[[cache.OperationEntry | None], bool] | None = None
+            if new.get("cancel") and not old.get("cancel"):
+                acted = _finished(uid=uid)
+            elif int(new.get("relaunch") or 0) > int(old.get("relaunch") or 0):
+                acted = _relaunch_answered(uid=uid, relaunch=int(new["relaunch"]))
+            if acted is not None:
+                return functools.partial(
+                    self.operations.wait, who.tenant, step.parsed.name, version=version, holds=acted
+                )
+        return self._shown_in(who=who, step=step, version=version, holds=_anything)
+
+    def _shown_in(
+        self,
+        *,
+        who: auth.Identity,
+        step: _Step,
+        version: int,
+        holds: Callable[[cache.OperationEntry | cache.TaskEntry | None], bool],
+    ) -> Shown:
+        table = self.operations if step.parsed.type == "operation" else self.tasks
+        return functools.partial(
+            table.wait, who.tenant, step.parsed.name, version=version, holds=holds
+        )
+
+    async def _undo(self, *, who: auth.Identity, done: list[_Step]) -> list[Shown]:
+        """Reverse completed writes, newest first; failures are logged, not raised.
+        Returns the waits for the undo to show in the cache."""
+        shown: list[Shown] = []
         for step in reversed(done):
             try:
                 if step.verb == "create" and step.after is not None:
@@ -557,19 +774,35 @@ class Service:
                         namespace=who.tenant,
                         uid=step.after["metadata"]["uid"],
                     )
+                    shown.append(
+                        self._shown_in(
+                            who=who,
+                            step=step,
+                            version=kube.resource_version_of(step.after),
+                            holds=_gone(uid=step.after["metadata"]["uid"]),
+                        )
+                    )
                 elif step.verb == "patch" and step.before is not None and step.after is not None:
                     reverse = _merge_patch(
                         step.after.get("spec") or {}, step.before.get("spec") or {}
                     )
-                    await self._kube.patch(
+                    restored = await self._kube.patch(
                         step.resource,
                         name=step.parsed.name,
                         namespace=who.tenant,
                         body={"spec": reverse},
                     )
+                    shown.append(
+                        self._shown_in(
+                            who=who,
+                            step=step,
+                            version=kube.resource_version_of(restored),
+                            holds=_anything,
+                        )
+                    )
                 elif step.verb == "delete" and step.before is not None:
                     meta = step.before["metadata"]
-                    await self._kube.create(
+                    recreated = await self._kube.create(
                         step.resource,
                         {
                             "apiVersion": API_VERSION,
@@ -583,6 +816,14 @@ class Service:
                         },
                         namespace=who.tenant,
                     )
+                    shown.append(
+                        self._shown_in(
+                            who=who,
+                            step=step,
+                            version=kube.resource_version_of(recreated),
+                            holds=_anything,
+                        )
+                    )
             except Exception:
                 log.exception(
                     "undo of %s %s/%s failed; the batch may be half applied",
@@ -590,6 +831,47 @@ class Service:
                     who.tenant,
                     step.parsed.name,
                 )
+        return shown
+
+
+def _anything(entry: cache.OperationEntry | cache.TaskEntry | None) -> bool:
+    """Any entry, or none: the version reached is all a plain write waits for (an object
+    deleted since then is gone for the next read too, which is the truth)."""
+    return True
+
+
+def _gone(*, uid: str) -> Callable[[cache.OperationEntry | cache.TaskEntry | None], bool]:
+    """The deleted object (``uid``) is no longer in the cache."""
+
+    def holds(entry: cache.OperationEntry | cache.TaskEntry | None) -> bool:
+        return entry is None or entry.uid != uid
+
+    return holds
+
+
+def _relaunch_answered(*, uid: str, relaunch: int) -> Callable[[cache.OperationEntry | None], bool]:
+    """The controller has seen ``spec.relaunch`` = ``relaunch`` (``status.observedRelaunch``):
+    it started a new attempt, so the state is no longer the old finished one (or it
+    refused visibly, with a condition). An operation deleted or replaced since is past it."""
+
+    def holds(entry: cache.OperationEntry | None) -> bool:
+        return (
+            entry is None
+            or entry.uid != uid
+            or int(entry.status.get("observedRelaunch") or 0) >= relaunch
+        )
+
+    return holds
+
+
+def _finished(*, uid: str) -> Callable[[cache.OperationEntry | None], bool]:
+    """The cancelled operation has finished: Cancelled, or finished otherwise meanwhile (the
+    controller then refuses the cancel with a condition). Gone or replaced counts too."""
+
+    def holds(entry: cache.OperationEntry | None) -> bool:
+        return entry is None or entry.uid != uid or states.is_terminal(entry.state)
+
+    return holds
 
 
 def _resource(type_: records.RecordType) -> kube.Resource:
