@@ -15,8 +15,6 @@ import datetime
 import functools
 import json
 import pathlib
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 import xmlrpc.client
@@ -665,76 +663,6 @@ def test_readyz_waits_for_the_first_list(cluster: Any, tmp_path: pathlib.Path) -
         return before, after
 
     assert asyncio.run(main()) == (False, True)
-
-
-def test_demo_key_and_snippet(
-    cluster: Any, api: kubernetes.client.ApiClient, namespace: str, gw: RunningGateway
-) -> None:
-    from opkeeper.gateway import cli as gateway_cli
-
-    async def mint() -> str:
-        async with kube.Client(kube.Credentials.from_kubeconfig(cluster.kubeconfig)) as client:
-            return await gateway_cli.create_demo_key(
-                client, key_namespace=gw.key_namespace, tenant=namespace, user_id="demo"
-            )
-
-    key = asyncio.run(mint())
-    Ops(api, namespace).create(
-        "demo-op", {"type": "t", "executor": {"external": {}}}, labels={"opkeeper.dev/id": "424242"}
-    )
-    wait_for(lambda: gw.gateway.operations.get(namespace, "demo-op"), what="the cache")
-    code = gateway_cli.snippet(url=f"{gw.base}/xmlrpc", key=key, namespace=namespace)
-    secrets = kubernetes.client.CoreV1Api(api).list_namespaced_secret(gw.key_namespace).items
-    assert all(key not in json.dumps(s.data) for s in secrets)
-    assert all(base64.b64encode(key.encode()).decode() not in json.dumps(s.data) for s in secrets)
-
-    def runs() -> bool:
-        try:
-            exec(code, {})  # the snippet exactly as make dev prints it
-        except xmlrpc.client.Fault:
-            return False
-        return True
-
-    wait_for(runs, what="the snippet to run")
-
-
-def test_the_cli_serves_mints_demo_keys_and_stops_cleanly(
-    cluster: Any, api: kubernetes.client.ApiClient, namespace: str, tmp_path: pathlib.Path
-) -> None:
-    key_namespace = other_namespace(api)
-    common = ["--kubeconfig", cluster.kubeconfig, "--key-namespace", key_namespace]
-    with gateway_process(cluster, tmp_path, key_namespace) as gateway:
-        url = gateway.url
-        minted = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "opkeeper.cli",
-                "gateway",
-                *common,
-                "--demo-key",
-                namespace,
-                "--url",
-                f"{url}/xmlrpc",
-            ],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        snippet = minted.stdout
-        assert "xmlrpc.client.ServerProxy" in snippet
-
-        def runs() -> bool:
-            try:
-                exec(snippet, {})
-            except xmlrpc.client.Fault:
-                return False
-            return True
-
-        wait_for(runs, what="the printed snippet to run against the gateway")
-    assert "gateway stopped" in (tmp_path / "gateway.log").read_text()
 
 
 def test_workers_share_the_port_the_sessions_and_the_metrics(

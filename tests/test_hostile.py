@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opkeeper.gateway import server
+from opkeeper.gateway import server, service
 from opkeeper.gateway import xmlrpc as codec
 from tests.gateway_support import RunningGateway, module_gateway
 from tests.hostile import (
@@ -70,6 +70,8 @@ def gw(
         api=api,
         tmp_path_factory=tmp_path_factory,
         read_timeout_seconds=READ_TIMEOUT,
+        # No controller runs here: a relaunch or cancel would wait out the default bound.
+        service=service.Settings(write_visible_timeout_seconds=0.2),
     ) as running:
         yield running
 
