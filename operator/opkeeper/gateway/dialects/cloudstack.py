@@ -650,12 +650,15 @@ class Api:
         now: datetime.datetime,
     ) -> Reply:
         """Answer one request; never raises."""
-        as_json = "response=json" in query.lower()  # until the parameters are parsed
         try:
             if isinstance(body, Exception):
                 raise body
             params = parse(query=query, body=body, form=form, settings=self.settings)
         except Exception as exc:
+            # Parameters that do not parse may still have asked for JSON.
+            as_json = "response=json" in query.lower() or (
+                isinstance(body, bytes) and b"response=json" in body.lower()
+            )
             return error_reply(exc, as_json=as_json, command="unknown")
         as_json = params.json
         try:
@@ -744,9 +747,10 @@ async def _list_async_jobs(api: Api, call: Call) -> Mapping[str, Any]:
     chosen = [api.svc.operation(who=call.who, id_=i) for i in ids[(page - 1) * size : page * size]]
     jobs = [job(e, cmd=api.cmd_of(e.type)) for e in chosen]
     call.logged_result = {"count": len(ids), "jobids": [j["jobid"] for j in jobs]}
+    # CloudStack leaves an empty list out, and the count too when there is nothing at all.
     if not ids:
-        return {}  # CloudStack answers an empty list with an empty response
-    return {"count": len(ids), "asyncjobs": jobs}
+        return {}
+    return {"count": len(ids), "asyncjobs": jobs} if jobs else {"count": len(ids)}
 
 
 async def _list_apis(api: Api, call: Call) -> Mapping[str, Any]:
