@@ -33,6 +33,7 @@ import base64
 import binascii
 import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import json
@@ -168,8 +169,10 @@ def api_key(key_hash: auth.KeyHash) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
+@functools.lru_cache(maxsize=4096)
 def key_hash_of(apikey: str) -> auth.KeyHash | None:
-    """The key hash an apiKey stands for, or None if it is not one."""
+    """The key hash an apiKey stands for, or None if it is not one (remembered: every
+    request of a client carries the same apiKey)."""
     if len(apikey) != 43:
         return None
     try:
@@ -274,21 +277,24 @@ def parse(*, query: str, body: bytes, form: bool, settings: Settings) -> Params:
     return Params(pairs=tuple(pairs), by_name=by_name)
 
 
-def _utf16(text: str) -> bytes:
-    return text.encode("utf-16-be", "surrogatepass")
+_UNRESERVED = re.compile(r"[A-Za-z0-9._*-]*")
+"""Values both encoders leave as they are (most values: ids, dates without offsets...)."""
 
 
 def canonical(pairs: Sequence[tuple[str, str]], *, java: bool) -> bytes:
     """The text CloudStack signs: every parameter but ``signature``, sorted by name (as
-    Java sorts strings), ``name=value`` with the value URL-encoded, joined with ``&``,
-    lower-cased. ``java`` encodes as java.net.URLEncoder does (``~`` as ``%7E``),
-    otherwise as the ``cs`` package does (``~`` kept): CloudStack accepts the first,
-    its best-known client sends the second."""
-    signed = sorted(
-        ((n, v) for n, v in pairs if n.lower() != "signature"), key=lambda p: _utf16(p[0])
-    )
+    Java sorts strings; names are ASCII, where that is Python's order too),
+    ``name=value`` with the value URL-encoded, joined with ``&``, lower-cased. ``java``
+    encodes as java.net.URLEncoder does (``~`` as ``%7E``), otherwise as the ``cs``
+    package does (``~`` kept): CloudStack accepts the first, its best-known client
+    sends the second."""
     encoded = []
-    for name, value in signed:
+    for name, value in sorted(pairs):
+        if name.lower() == "signature":
+            continue
+        if _UNRESERVED.fullmatch(value):
+            encoded.append(f"{name}={value}")
+            continue
         quoted = urllib.parse.quote(value, safe=_JAVA_SAFE)
         if java:
             quoted = quoted.replace("~", "%7E")
@@ -303,18 +309,19 @@ def sign(pairs: Sequence[tuple[str, str]], *, secret: str, java: bool = False) -
 
 
 EXPIRES_MAX_CHARS = 40
+_EXPIRES = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:?\d\d)")
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_expires(text: str) -> datetime.datetime:
     """``expires`` as CloudStack writes it (``2011-03-10T18:20:25-0800``; also with a
-    ``+08:00`` or ``Z`` offset), or :class:`errors.Unauthenticated`."""
-    if len(text) <= EXPIRES_MAX_CHARS:
+    ``+08:00`` or ``Z`` offset), or :class:`errors.Unauthenticated` (remembered: a client
+    sends the same value for every request of a second)."""
+    if len(text) <= EXPIRES_MAX_CHARS and _EXPIRES.fullmatch(text):
         try:
-            parsed = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z")
+            return datetime.datetime.fromisoformat(text)
         except ValueError:
             pass
-        else:
-            return parsed
     raise errors.Unauthenticated("expires is not a date like 2011-03-10T18:20:25-0800")
 
 
@@ -437,8 +444,11 @@ class Reply:
     """``errortext`` of an error answer (for the call log)."""
 
 
-def reply(*, root: str, value: Mapping[str, Any], as_json: bool, command: str) -> Reply:
-    body = to_json(root, value) if as_json else to_xml(root, value)
+def encode(*, root: str, value: Mapping[str, Any], as_json: bool) -> bytes:
+    return to_json(root, value) if as_json else to_xml(root, value)
+
+
+def reply(*, body: bytes, as_json: bool, command: str) -> Reply:
     return Reply(
         status=200,
         body=body,
@@ -574,10 +584,17 @@ class Call:
     now: datetime.datetime
     name: str
     """The command as served (``queryAsyncJobResult``), whatever case it was sent in."""
+    as_json: bool
     logged_result: Any = None
 
+    @property
+    def root(self) -> str:
+        """The answer's root element or key: ``queryasyncjobresultresponse``."""
+        return f"{self.name.lower()}response"
 
-Handler = Callable[["Api", Call], Awaitable[Mapping[str, Any]]]
+
+Handler = Callable[["Api", Call], Awaitable[Mapping[str, Any] | bytes]]
+"""A command: its answer's value, or its answer already encoded (a kept job answer)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -632,6 +649,9 @@ class Api:
         }
         for name, type_ in settings.commands.items():
             self.commands[name.lower()] = (name, _async_command(type_))
+        self._secret_keys: dict[auth.KeyHash, tuple[bytes, str]] = {}
+        """Secret keys derived, with the master key they were derived with, for known keys
+        only (bounded by the key ring)."""
         self._cmd_of_type: dict[str, str] = {}
         for name, type_ in settings.commands.items():
             self._cmd_of_type.setdefault(type_, name)
@@ -675,15 +695,17 @@ class Api:
         except Exception as exc:
             return error_reply(exc, as_json=as_json, command="unknown")
         name, command = served
-        call = Call(params=params, who=who, now=now, name=name)
+        call = Call(params=params, who=who, now=now, name=name, as_json=as_json)
         try:
             value = await command.handler(self, call)
+            if not isinstance(value, bytes):
+                value = encode(root=call.root, value=value, as_json=as_json)
         except Exception as exc:
             answer = error_reply(exc, as_json=as_json, command=name)
             await self._log(call, address=address, error=answer)
             return answer
         await self._log(call, address=address, error=None)
-        return reply(root=f"{name.lower()}response", value=value, as_json=as_json, command=name)
+        return reply(body=value, as_json=as_json, command=name)
 
     async def authenticate(self, params: Params, *, now: datetime.datetime) -> auth.Identity:
         """The caller behind ``apiKey``, once the signature (and expiry) checks out; one
@@ -693,20 +715,35 @@ class Api:
             raise errors.Unauthenticated("missing apiKey; sign requests with your API key pair")
         key_hash = key_hash_of(apikey)
         identity = self.keyring.by_hash(key_hash) if key_hash is not None else None
+        if identity is None or key_hash is None:
+            # The checks a known key gets, so the text never tells an unknown key apart.
+            check_signature(params, secret="", now=now)
+            raise errors.Unauthenticated(_BAD_SIGNATURE)
         master = await self.secrets.master()
-        # A derivation for unknown keys too: the answer takes as long as for a known one.
-        secret = secret_key(master=master, key_hash=key_hash or auth.KeyHash(_HASH_PREFIX))
         try:
+            secret = self._secret_key(master=master, key_hash=key_hash)
             check_signature(params, secret=secret, now=now)
         except errors.Unauthenticated:
-            # Another process may have created the master key after this one read its own.
-            fresh = await self.secrets.reload() if identity is not None else None
-            if fresh is None or key_hash is None:
+            # Another process may have created the master key after this one read its own
+            # (re-read at most every 30 s, so forged signatures cost no API traffic).
+            fresh = await self.secrets.reload()
+            if fresh is None or fresh == master:
                 raise
-            check_signature(params, secret=secret_key(master=fresh, key_hash=key_hash), now=now)
-        if identity is None:
-            raise errors.Unauthenticated(_BAD_SIGNATURE)
+            check_signature(
+                params, secret=self._secret_key(master=fresh, key_hash=key_hash), now=now
+            )
         return identity
+
+    def _secret_key(self, *, master: bytes, key_hash: auth.KeyHash) -> str:
+        """A known key's secret key, derived once per master key."""
+        kept = self._secret_keys.get(key_hash)
+        if kept is not None and kept[0] == master:
+            return kept[1]
+        if len(self._secret_keys) > max(2 * len(self.keyring), 64):
+            self._secret_keys.clear()  # revoked keys' entries: drop them all now and then
+        secret = secret_key(master=master, key_hash=key_hash)
+        self._secret_keys[key_hash] = (master, secret)
+        return secret
 
     async def _log(self, call: Call, *, address: str, error: Reply | None) -> None:
         """Into the tenant's call log, with apiKey and signature redacted; a store failure
@@ -731,11 +768,24 @@ class Api:
 # --- commands ---------------------------------------------------------------------------
 
 
-async def _query_async_job_result(api: Api, call: Call) -> Mapping[str, Any]:
+_KEPT = "cloudstack_job"
+"""Where a job's encoded answers are kept in :attr:`cache.OperationEntry.derived`."""
+
+
+async def _query_async_job_result(api: Api, call: Call) -> bytes:
+    """The job's answer, encoded once per entry version and format: like Gandi's details,
+    it depends on the entry alone (``cmd`` comes from this process's fixed settings)."""
     entry = api.svc.operation(who=call.who, id_=job_id(call.params))
-    answer = job(entry, cmd=api.cmd_of(entry.type))
-    call.logged_result = {"jobid": answer["jobid"], "jobstatus": answer["jobstatus"]}
-    return answer
+    kept: dict[bool, bytes] = entry.derived.setdefault(_KEPT, {})
+    call.logged_result = {
+        "jobid": entry.id,
+        "jobstatus": states.legacy(entry.state, DIALECT),
+    }
+    body = kept.get(call.as_json)
+    if body is None:
+        value = job(entry, cmd=api.cmd_of(entry.type))
+        body = kept[call.as_json] = encode(root=call.root, value=value, as_json=call.as_json)
+    return body
 
 
 async def _list_async_jobs(api: Api, call: Call) -> Mapping[str, Any]:
