@@ -242,24 +242,12 @@ def parse(*, query: str, body: bytes, form: bool, settings: Settings) -> Params:
         except UnicodeDecodeError:
             raise BadParameter("a form body is ASCII (values percent-encoded)") from None
     pairs: list[tuple[str, str]] = []
-    budget = settings.max_parameters
-    for text in sources:
-        if not text:
-            continue
-        try:
-            found = urllib.parse.parse_qsl(
-                text,
-                keep_blank_values=True,
-                encoding="utf-8",
-                errors="strict",
-                max_num_fields=budget,
-            )
-        except ValueError as exc:  # too many fields, or UnicodeDecodeError
-            if isinstance(exc, UnicodeDecodeError):
-                raise BadParameter("a parameter is not UTF-8") from None
-            raise BadParameter(f"more than {settings.max_parameters} parameters") from None
-        budget -= len(found)
-        pairs += found
+    fields = [field for text in sources if text for field in _fields(text, settings=settings)]
+    if len(fields) > settings.max_parameters:
+        raise BadParameter(f"more than {settings.max_parameters} parameters")
+    for field in fields:
+        name, _, value = field.partition("=")
+        pairs.append((_unquote(name), _unquote(value)))
     by_name: dict[str, str] = {}
     for name, value in pairs:
         if not _PARAM_NAME.fullmatch(name):
@@ -275,6 +263,24 @@ def parse(*, query: str, body: bytes, form: bool, settings: Settings) -> Params:
             raise BadParameter(f"parameter {name} is given more than once")
         by_name[lower] = value
     return Params(pairs=tuple(pairs), by_name=by_name)
+
+
+def _fields(text: str, *, settings: Settings) -> list[str]:
+    """The non-empty ``name=value`` fields of a query string or form body; counted before
+    splitting, so a megabyte of ``&`` costs one count, not a million strings."""
+    if text.count("&") >= 2 * settings.max_parameters:
+        raise BadParameter(f"more than {settings.max_parameters} parameters")
+    return [field for field in text.split("&") if field]
+
+
+def _unquote(text: str) -> str:
+    """Form decoding (``+`` is a space, ``%XX`` a UTF-8 byte), strict about UTF-8."""
+    if "%" not in text and "+" not in text:
+        return text
+    try:
+        return urllib.parse.unquote(text.replace("+", " "), errors="strict")
+    except UnicodeDecodeError:
+        raise BadParameter("a parameter is not UTF-8") from None
 
 
 _UNRESERVED = re.compile(r"[A-Za-z0-9._*-]*")
@@ -748,14 +754,20 @@ class Api:
     async def _log(self, call: Call, *, address: str, error: Reply | None) -> None:
         """Into the tenant's call log, with apiKey and signature redacted; a store failure
         never changes the answer (the call happened)."""
-        arguments = {k: v for k, v in call.params.by_name.items() if k != "command"}
+        # Flat string values: a name-by-name redaction, with the verdict per name kept.
+        arguments = {
+            k: calllog.REDACTED if _secret_name(k) else v
+            for k, v in call.params.by_name.items()
+            if k != "command"
+        }
         exception = "" if error is None else f"{error.status}: {error.error_text}"
         try:
             await self.svc.call_log.append(
                 tenant=call.who.tenant,
                 method=call.name,
-                args_json=_JSON.encode({"args": [], "kw": calllog.redact(arguments)}),
-                result_json="null" if error else _JSON.encode(calllog.redact(call.logged_result)),
+                args_json=_JSON.encode({"args": [], "kw": arguments}),
+                # Results are the handlers' own summaries (ids, states, counts): no secrets.
+                result_json="null" if error else _JSON.encode(call.logged_result),
                 exception=exception,
                 address=address,
                 when=call.now,
@@ -763,6 +775,11 @@ class Api:
         except Exception:
             self.on_log_failure()
             log.exception("call log write failed for %s.%s", call.who.tenant, call.name)
+
+
+_secret_name = functools.lru_cache(maxsize=1024)(calllog.is_secret_name)
+"""calllog's rule for secret-looking names, remembered per name (every call of a client
+sends the same names)."""
 
 
 # --- commands ---------------------------------------------------------------------------
