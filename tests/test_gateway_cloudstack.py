@@ -211,6 +211,8 @@ def test_command_settings_parse() -> None:
     for bad in ("deployVirtualMachine", "=x", "a b=x", "queryAsyncJobResult=x"):
         with pytest.raises(ValueError, match="cloudstack-command"):
             cloudstack.commands_from([bad])
+    with pytest.raises(ValueError, match="served already"):
+        cloudstack.commands_from(["deployVm=a", "DEPLOYVM=b"])
 
 
 def test_new_key_json_and_snippet_carry_cloudstack_credentials() -> None:
@@ -500,6 +502,10 @@ def test_raw_signature_edge_cases(
     assert _status(f"{gw.base}/client/api?command=listApis&x=%ff") == 431
     assert _status(f"{gw.base}/client/api?command=listApis&x=" + "y" * 20000) in (400, 414, 431)
     assert _status(f"{gw.base}/client/api") == 401
+    head = urllib.request.Request(signed_url(gw.base, base, secret=creds.secret), method="HEAD")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(head, timeout=30)
+    assert refused.value.code == 405  # a GET may create an operation; a HEAD never does
     # A form POST: signed body; a body that is not a form; one over the size limit.
     form = urllib.parse.urlencode({**base, "signature": signature}).encode()
     headers = {"Content-Type": "application/x-www-form-urlencoded"}

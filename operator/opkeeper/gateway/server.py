@@ -434,7 +434,8 @@ class Gateway:
         application.add_routes(
             [
                 web.post("/xmlrpc", self.xmlrpc),
-                web.get("/client/api", self.cloudstack_api),
+                # No HEAD: a CloudStack GET may create an operation, a HEAD never should.
+                web.get("/client/api", self.cloudstack_api, allow_head=False),
                 web.post("/client/api", self.cloudstack_api),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),

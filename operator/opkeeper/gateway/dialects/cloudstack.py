@@ -93,7 +93,7 @@ def commands_from(pairs: Sequence[str]) -> dict[str, str]:
         command, sep, type_ = pair.partition("=")
         if not sep or not _COMMAND.fullmatch(command) or not type_:
             raise ValueError(f"--cloudstack-command wants COMMAND=TYPE, got {pair!r}")
-        if command.lower() in _BUILTIN:
+        if command.lower() in _BUILTIN or command.lower() in (c.lower() for c in out):
             raise ValueError(f"--cloudstack-command: {command} is served already")
         out[command] = type_
     return out
@@ -654,6 +654,10 @@ class Api:
             name.lower(): (name, command) for name, command in BUILTIN.items()
         }
         for name, type_ in settings.commands.items():
+            # Checked here too (not only on the command line): a name becomes the answer's
+            # root element, and a mapped command must not hide a served one.
+            if not _COMMAND.fullmatch(name) or name.lower() in self.commands:
+                raise ValueError(f"CloudStack command {name!r} cannot be mapped")
             self.commands[name.lower()] = (name, _async_command(type_))
         self._secret_keys: dict[auth.KeyHash, tuple[bytes, str]] = {}
         """Secret keys derived, with the master key they were derived with, for known keys
