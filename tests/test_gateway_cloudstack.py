@@ -10,6 +10,7 @@ edge cases no client sends. Nothing sleeps to synchronise: polls are
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import datetime
@@ -31,6 +32,7 @@ from hypothesis import strategies as st
 
 from opkeeper import GROUP, VERSION, apikeys, errors, kube, names
 from opkeeper.gateway import auth, service
+from opkeeper.gateway import cli as gateway_cli
 from opkeeper.gateway import xmlrpc as codec
 from opkeeper.gateway.dialects import cloudstack
 from tests.cloudstack_support import Pair, pair, signed_url
@@ -213,6 +215,17 @@ def test_command_settings_parse() -> None:
             cloudstack.commands_from([bad])
     with pytest.raises(ValueError, match="served already"):
         cloudstack.commands_from(["deployVm=a", "DEPLOYVM=b"])
+
+
+def test_the_gateway_command_line_maps_commands() -> None:
+    parser = argparse.ArgumentParser()
+    gateway_cli.add_arguments(parser)
+    args = parser.parse_args(
+        ["--cloudstack-command", "deployVirtualMachine=vm_deploy", "--cloudstack-command", "a=b"]
+    )
+    settings = gateway_cli.settings_from(args)
+    assert settings.cloudstack.commands == {"deployVirtualMachine": "vm_deploy", "a": "b"}
+    assert gateway_cli.settings_from(parser.parse_args([])).cloudstack.commands == {}
 
 
 def test_new_key_json_and_snippet_carry_cloudstack_credentials() -> None:
