@@ -217,6 +217,17 @@ def test_command_settings_parse() -> None:
         cloudstack.commands_from(["deployVm=a", "DEPLOYVM=b"])
 
 
+@pytest.mark.parametrize("name", ["queryasyncjobresult", "listApis", "bad name", "x>y"])
+def test_a_mapped_command_cannot_hide_a_served_one_or_break_the_xml(name: str) -> None:
+    with pytest.raises(ValueError, match="cannot be mapped"):
+        cloudstack.Api(
+            svc=None,  # type: ignore[arg-type]  # refused before anything is used
+            keyring=auth.KeyRing(settings=auth.KeyRingSettings()),
+            master_key=auth.FixedKey(value=b"k"),
+            settings=cloudstack.Settings(commands={name: "t"}),
+        )
+
+
 def test_the_gateway_command_line_maps_commands() -> None:
     parser = argparse.ArgumentParser()
     gateway_cli.add_arguments(parser)
