@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import base64
 import datetime
+import json
 import pathlib
 import re
 import sqlite3
@@ -490,6 +491,12 @@ def _listapis(creds: Pair) -> dict[str, str]:
     return {"command": "listApis", "apiKey": creds.api_key, "response": "json"}
 
 
+def _error_text(url: str) -> str:
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(url, timeout=30)
+    return str(json.loads(caught.value.read())["errorresponse"]["errortext"])
+
+
 def _status(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> int:
     request = urllib.request.Request(url, data=data, headers=headers or {})
     try:
@@ -505,6 +512,7 @@ def test_raw_signature_edge_cases(
 ) -> None:
     creds = pair(gw, make_key(api, gw, namespace))
     base = _listapis(creds)
+    texts: dict[str | None, set[str]] = {}
     for value in ("a b", "a+b", "~", "*", "a/b?c=d&e", "\u00e9\U0001f600", "%20", ""):
         params = {**base, "name": value}
         assert _status(signed_url(gw.base, params, secret=creds.secret)) == 200, value
@@ -526,6 +534,16 @@ def test_raw_signature_edge_cases(
     assert _status(f"{gw.base}/client/api?command=listApis&x=%ff") == 431
     assert _status(f"{gw.base}/client/api?command=listApis&x=" + "y" * 20000) in (400, 414, 431)
     assert _status(f"{gw.base}/client/api") == 401
+    # An unknown apiKey is told exactly what a known one would be told.
+    stranger = {**base, "apiKey": cloudstack.api_key(auth.hash_key("not a key"))}
+    for params, secret in ((base, "wrong"), (stranger, "wrong"), (base, None), (stranger, None)):
+        url = (
+            signed_url(gw.base, params, secret=secret)
+            if secret
+            else f"{gw.base}/client/api?" + urllib.parse.urlencode(params)
+        )
+        texts.setdefault(secret, set()).add(_error_text(url))
+    assert all(len(seen) == 1 for seen in texts.values()), texts
     head = urllib.request.Request(signed_url(gw.base, base, secret=creds.secret), method="HEAD")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(head, timeout=30)
