@@ -496,9 +496,13 @@ def test_identity_paths_and_methods(
         "/bdom/task/status/-/-/domain/a%2Fb/alice/",
         "/bdom/task/status/-/-/-/-/al%2Fice/",
         "/bdom/task/status/-/-/%2e%2e/-/alice/",
+        "/bdom/task/status/-/-/../-/alice/",
+        "/bdom/task/status/../../../../../alice/",
+        "/bdom/task/status/-/-/domain/a%0Ab/alice/",
         "/bdom/task/status//-/-/-/alice/",
         "/bdom/task/status/-/-/-/-/" + "a" * 300 + "/",
-        "/bdom/task/scheduled/1/-/-/-/alice/",
+        "/bdom/task/scheduled/-/SUCCESS/-/-/alice/",
+        "/bdom/task/delete/1/-/-/-/alice/",
         "/bdom/task/status/-/-/-/-/%ff/",
     ):
         reply = get(path)

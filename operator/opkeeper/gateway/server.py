@@ -427,7 +427,9 @@ class Gateway:
         application.add_routes(
             [
                 web.post("/xmlrpc", self.xmlrpc),
-                web.route("*", bdom.PREFIX + "{tail:.*}", self.bdom_task),
+                # Any path under /bdom/, newlines included (a decoded %0A), so that every
+                # malformed BDOM path gets the dialect's XML error, never aiohttp's 404.
+                web.route("*", "/bdom/{tail:[\\s\\S]*}", self.bdom_task),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.prometheus),

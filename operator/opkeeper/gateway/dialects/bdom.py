@@ -87,6 +87,11 @@ class Limits:
     """Deepest element nesting of a body (default 8; the schemas need 4)."""
     max_elements: int = 1000
     """Most elements in a body (default 1,000)."""
+    max_attributes: int = 8
+    """Most attributes on one element (default 8; the schemas allow one, and a
+    validator's cost grows faster than linearly with them)."""
+    max_name_chars: int = 64
+    """Longest element or attribute name (default 64; the schemas' longest is 9)."""
     max_segment_chars: int = 253
     """Longest path segment, raw (default 253, the longest DNS name)."""
     max_ids: int = 100
@@ -239,17 +244,17 @@ def _states(word: str) -> frozenset[states.State]:
 
 
 def only_user(path: Path) -> None:
-    """``scheduled``, ``delete`` and ``create`` take no TASK_ID or STATUS filter (the
-    seed's paths carry ``-`` there)."""
-    given = [
-        what
-        for what, value in (("TASK_ID", path.task_id), ("STATUS", path.states))
-        if value is not None
-    ]
+    """``scheduled`` takes no STATUS (a task that has not fired has none); ``delete``
+    and ``create`` take no filter at all (their bodies say what they act on)."""
+    given = ["STATUS"] if path.states is not None else []
     if path.opcode in ("delete", "create"):
         given += [
             what
-            for what, value in (("OBJECT", path.object_kind), ("NAME", path.name))
+            for what, value in (
+                ("TASK_ID", path.task_id),
+                ("OBJECT", path.object_kind),
+                ("NAME", path.name),
+            )
             if value is not None
         ]
     if given:
@@ -582,6 +587,15 @@ class _Bounded(ET.TreeBuilder):
             raise xmlrpc.LimitExceeded(f"elements nested deeper than {self._limits.max_depth}")
         if self._count > self._limits.max_elements:
             raise xmlrpc.LimitExceeded(f"more than {self._limits.max_elements} XML elements")
+        if len(attrs) > self._limits.max_attributes:
+            raise xmlrpc.LimitExceeded(
+                f"more than {self._limits.max_attributes} attributes on one element"
+            )
+        longest = max((len(tag), *map(len, attrs)))
+        if longest > self._limits.max_name_chars:
+            raise xmlrpc.LimitExceeded(
+                f"an element or attribute name is longer than {self._limits.max_name_chars}"
+            )
         return super().start(tag, attrs)
 
     def end(self, tag: str) -> ET.Element:
@@ -608,6 +622,8 @@ def parse_xml(body: bytes, *, limits: Limits = DEFAULT_LIMITS) -> ET.Element:
         ) from None
     except ET.ParseError as exc:
         raise xmlrpc.MalformedXml(f"not well-formed XML: {exc}") from None
+    except (LookupError, UnicodeError) as exc:  # an encoding the declaration names wrongly
+        raise xmlrpc.MalformedXml(f"cannot decode the XML: {names.shown(str(exc))}") from None
     return root
 
 
@@ -667,8 +683,10 @@ def create_request(body: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Create:
     assert create is not None  # the schema requires it
 
     def text(tag: str) -> str | None:
+        # As sent: the schema's patterns refuse surrounding whitespace where it matters,
+        # and a name is never trimmed into a different name.
         found = create.find(tag)
-        return None if found is None else (found.text or "").strip()
+        return None if found is None else (found.text or "")
 
     params: dict[str, Any] = {}
     for param in create.findall("./params/param"):
@@ -678,7 +696,7 @@ def create_request(body: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Create:
         params[key] = param.text or ""
     tld = text("tld_id")
     if tld is not None:
-        params[TLD_PARAM] = int(tld)
+        params[TLD_PARAM] = int(tld)  # xs:int, checked
     exec_date = text("exec-date")
     labels = {
         label: value
@@ -744,6 +762,8 @@ class Endpoint:
             path = parse_path(request.raw_path, limits=self.limits)
             opcode = path.opcode
             who = identity(authorization=request.authorization, keyring=self.keyring, path=path)
+            if path.opcode != "status":
+                only_user(path)
             allowed = OPCODES[path.opcode]
             if request.method != allowed:
                 raise MethodNotAllowed(
@@ -761,7 +781,6 @@ class Endpoint:
                 self.svc.operations, who.tenant, path, limit=self.limits.list_max
             )
             return document([status_response(e, user_id=who.user_id) for e in found])
-        only_user(path)
         if path.opcode == "scheduled":
             tasks = select_scheduled(
                 self.svc.tasks, who.tenant, path, now=request.now, limit=self.limits.list_max
