@@ -830,21 +830,3 @@ class Endpoint:
             outcome=fault.name,
             headers=headers,
         )
-
-
-def curl_lines(*, url: str, user_id: str, api_key: str) -> list[str]:
-    """Ready-to-paste curl commands for a key (``opkeeper apikey create``, ``make dev``)."""
-    user = urllib.parse.quote(user_id, safe="@")
-    base = f"{url}{PREFIX}"
-    auth_ = f"-u '{user_id}:{api_key}'"
-    return [
-        f"curl -sS {auth_} {base}status/-/-/-/-/{user}/",
-        f"curl -sS {auth_} {base}scheduled/-/-/-/-/{user}/",
-        f"curl -sS {auth_} -H 'Content-Type: text/xml' --data-binary"
-        " '<request><create><opcode>delete</opcode><object>domain</object>"
-        "<name>example.org</name><exec-date>2030-01-01</exec-date></create></request>'"
-        f" {base}create/-/-/-/-/{user}/",
-        f"curl -sS {auth_} -H 'Content-Type: text/xml' --data-binary"
-        " '<request><delete><task_id>TASK_ID</task_id></delete></request>'"
-        f" {base}delete/-/-/-/-/{user}/",
-    ]
