@@ -229,7 +229,7 @@ def _operation(id_: int, state: str, kind: str | None, name: str | None, **extra
 
 def test_one_response_or_a_multiresponse() -> None:
     entry = cache.OperationEntry.from_object(_operation(7, "WaitingExternal", "domain", "a.de"))
-    one = bdom.document([bdom.status_response(entry, user_id="13048")])
+    one = bdom.document([bdom.status_response(entry, tail=bdom.user_tail("13048"))])
     assert one == (
         b"<response><date>2026-12-01 10:00:00</date><name>a.de</name><object>domain</object>"
         b"<opcode>op</opcode><status>PENDING_EXT</status><task_id>7</task_id>"

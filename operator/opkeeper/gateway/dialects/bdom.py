@@ -96,10 +96,6 @@ class Limits:
     """Longest path segment, raw (default 253, the longest DNS name)."""
     max_ids: int = 100
     """Most task ids one delete may list (default 100, gocept apply's batch bound)."""
-    max_params: int = 64
-    """Most ``param`` elements of one create (default 64)."""
-    list_max: int = 1000
-    """Most tasks one list answers: the newest that match, in id order (default 1,000)."""
 
 
 DEFAULT_LIMITS = Limits()
@@ -428,8 +424,13 @@ def status_fields(entry: cache.OperationEntry) -> str:
     return kept
 
 
-def status_response(entry: cache.OperationEntry, *, user_id: str) -> str:
-    return f"<response>{status_fields(entry)}{_element('user_id', user_id)}</response>"
+def user_tail(user_id: str) -> str:
+    """The end of every status ``<response>`` to one caller (built once per request)."""
+    return _element("user_id", user_id) + "</response>"
+
+
+def status_response(entry: cache.OperationEntry, *, tail: str) -> str:
+    return "<response>" + status_fields(entry) + tail
 
 
 def _tld_id(template: Mapping[str, Any]) -> int | None:
@@ -778,12 +779,17 @@ class Endpoint:
     async def _run(self, path: Path, who: auth.Identity, request: Request) -> bytes:
         if path.opcode == "status":
             found = select_operations(
-                self.svc.operations, who.tenant, path, limit=self.limits.list_max
+                self.svc.operations, who.tenant, path, limit=self.svc.settings.list_limit
             )
-            return document([status_response(e, user_id=who.user_id) for e in found])
+            tail = user_tail(who.user_id)
+            return document([status_response(e, tail=tail) for e in found])
         if path.opcode == "scheduled":
             tasks = select_scheduled(
-                self.svc.tasks, who.tenant, path, now=request.now, limit=self.limits.list_max
+                self.svc.tasks,
+                who.tenant,
+                path,
+                now=request.now,
+                limit=self.svc.settings.list_limit,
             )
             return document([scheduled_response(t) for t in tasks])
         if isinstance(request.body, Exception):
@@ -802,7 +808,7 @@ class Endpoint:
             entry = self.svc.operations.get_id(who.tenant, id_)
             if entry is None:  # past the visibility bound: answer with what was written
                 return document([f"<response>{_element('task_id', id_)}</response>"])
-            return document([status_response(entry, user_id=who.user_id)])
+            return document([status_response(entry, tail=user_tail(who.user_id))])
         id_ = await self.svc.schedule(
             who=who,
             type_=create.type,
