@@ -530,6 +530,12 @@ def test_create_bodies(
     made = _created_id(
         client.create(opcode="transfer-in", name="p.example", params={"auth_code": "xyz"})
     )
+    # The call is in the tenant's call log (gocept's log shows it), its secret redacted.
+    [entry] = [e for e in gw.gocept(client.key).log() if e["method"] == "bdom.create"]
+    assert '"auth_code":"<redacted>"' in entry["args"]
+    assert "xyz" not in entry["args"]
+    assert entry["result"] == str(made)
+    assert entry["exception"] == ""
     spec = ops.get(f"op-{made}")["spec"]
     # The executor comes from the gateway's policy, never from the caller.
     assert spec["executor"] == {"external": {}}
@@ -559,6 +565,9 @@ def test_create_bodies(
     reply = client.post(
         "/bdom/task/create/-/-/domain/-/creator/", create_body(opcode="a", name="x.example")
     )
+    refused = gw.gocept(client.key).log()[-1]
+    assert refused["method"] == "bdom.create"
+    assert refused["exception"].startswith("400: create takes '-' for OBJECT")
     assert reply.status == 400
     assert b"takes '-' for OBJECT" in reply.body
 

@@ -255,7 +255,11 @@ class Gateway:
             limits=settings.limits,
             on_log_failure=self.metrics.call_log_failures.inc,
         )
-        self.bdom = bdom.Endpoint(svc=self.service, keyring=self.keyring)
+        self.bdom = bdom.Endpoint(
+            svc=self.service,
+            keyring=self.keyring,
+            on_log_failure=self.metrics.call_log_failures.inc,
+        )
         self.synced = {name: asyncio.Event() for name in ("operations", "scheduledtasks", "keys")}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -379,6 +383,7 @@ class Gateway:
                 authorization=request.headers.get("Authorization"),
                 body=body,
                 now=datetime.datetime.now(datetime.UTC),
+                address=request.remote or "",
             )
         )
         self.metrics.record(

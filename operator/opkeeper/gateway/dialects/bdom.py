@@ -32,9 +32,10 @@ import binascii
 import dataclasses
 import datetime
 import heapq
+import logging
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 from xml.sax import saxutils
 
@@ -43,7 +44,9 @@ import defusedxml.ElementTree
 import xmlschema
 
 from opkeeper import apikeys, errors, names, states
-from opkeeper.gateway import auth, cache, faults, service, xmlrpc
+from opkeeper.gateway import auth, cache, calllog, faults, rpc, service, xmlrpc
+
+log = logging.getLogger(__name__)
 
 DIALECT = states.Dialect.BDOM
 PREFIX = "/bdom/task/"
@@ -484,6 +487,13 @@ def error_document(fault: faults.Fault) -> bytes:
 DELETED = b"<response>delete ok</response>\n"
 
 
+def error_message(body: bytes) -> str:
+    """The message of an error document this module wrote (for the call log)."""
+    start, end = body.find(b"<message>"), body.rfind(b"</message>")
+    text = body[start + len(b"<message>") : end] if 0 <= start < end else b""
+    return saxutils.unescape(text.decode("utf-8", "replace"))
+
+
 # --- bodies ---------------------------------------------------------------------------------
 
 TASK_XSD = """<?xml version="1.0" encoding="UTF-8"?>
@@ -730,6 +740,8 @@ class Request:
     body: bytes | Exception
     """The body read within the limits, or why it could not be (too large, too slow)."""
     now: datetime.datetime
+    address: str = ""
+    """The peer's IP address (for the call log)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -743,8 +755,21 @@ class Reply:
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(kw_only=True)
+class _Logged:
+    """What one call's call log entry says: its arguments and its result, small."""
+
+    args: dict[str, Any]
+    result: Any = None
+
+
 class Endpoint:
-    """Serves ``/bdom/task/...`` over the service."""
+    """Serves ``/bdom/task/...`` over the service.
+
+    Every authenticated call goes into the tenant's call log (gocept's ``log``
+    shows it), as ``bdom.<opcode>`` with the path, the delete's ids or the
+    create's fields (secret-looking params redacted) and a short result: the
+    task ids answered, ``delete ok``, or the error."""
 
     def __init__(
         self,
@@ -752,13 +777,17 @@ class Endpoint:
         svc: service.Service,
         keyring: auth.KeyRing,
         limits: Limits = DEFAULT_LIMITS,
+        on_log_failure: Callable[[], None] = lambda: None,
     ) -> None:
         self.svc = svc
         self.keyring = keyring
         self.limits = limits
+        self.on_log_failure = on_log_failure
 
     async def handle(self, request: Request) -> Reply:
         opcode = "unknown"
+        who: auth.Identity | None = None
+        logged = _Logged(args={"path": request.raw_path.partition("?")[0][:1024]})
         try:
             path = parse_path(request.raw_path, limits=self.limits)
             opcode = path.opcode
@@ -771,16 +800,26 @@ class Endpoint:
                     f"{path.opcode} is served on {allowed}, not {names.shown(request.method)}",
                     allow=allowed,
                 )
-            body = await self._run(path, who, request)
+            body = await self._run(path, who, request, logged)
         except Exception as exc:
-            return self._error(exc, opcode=opcode)
+            reply = self._error(exc, opcode=opcode)
+            if who is not None:
+                message = error_message(reply.body)
+                await self._log(
+                    who, opcode, request, logged, exception=f"{reply.status}: {message}"
+                )
+            return reply
+        await self._log(who, opcode, request, logged, exception="")
         return Reply(status=200, body=body, opcode=opcode, outcome="ok")
 
-    async def _run(self, path: Path, who: auth.Identity, request: Request) -> bytes:
+    async def _run(
+        self, path: Path, who: auth.Identity, request: Request, logged: _Logged
+    ) -> bytes:
         if path.opcode == "status":
             found = select_operations(
                 self.svc.operations, who.tenant, path, limit=self.svc.settings.list_limit
             )
+            logged.result = [e.id for e in found]
             tail = user_tail(who.user_id)
             return document([status_response(e, tail=tail) for e in found])
         if path.opcode == "scheduled":
@@ -791,20 +830,34 @@ class Endpoint:
                 now=request.now,
                 limit=self.svc.settings.list_limit,
             )
+            logged.result = [t.id for t in tasks]
             return document([scheduled_response(t) for t in tasks])
         if isinstance(request.body, Exception):
             raise request.body
         if path.opcode == "delete":
-            await self.svc.delete_tasks(who=who, ids_=delete_ids(request.body, limits=self.limits))
+            ids_ = delete_ids(request.body, limits=self.limits)
+            logged.args["task_id"] = ids_
+            await self.svc.delete_tasks(who=who, ids_=ids_)
+            logged.result = "delete ok"
             return DELETED
-        return await self._create(who, create_request(request.body, limits=self.limits), request)
+        create = create_request(request.body, limits=self.limits)
+        logged.args["create"] = {
+            "opcode": create.opcode,
+            "object": create.object_kind,
+            "name": create.name,
+            "exec-date": create.exec_at.isoformat() if create.exec_at else None,
+            "params": dict(create.params),
+            "labels": dict(create.labels),
+        }
+        return await self._create(who, create, logged)
 
-    async def _create(self, who: auth.Identity, create: Create, request: Request) -> bytes:
+    async def _create(self, who: auth.Identity, create: Create, logged: _Logged) -> bytes:
         object_ = {"kind": create.object_kind, "name": create.name}
         if create.exec_at is None:
             id_ = await self.svc.create(
                 who=who, type_=create.type, params=create.params, object_=object_
             )
+            logged.result = id_
             entry = self.svc.operations.get_id(who.tenant, id_)
             if entry is None:  # past the visibility bound: answer with what was written
                 return document([f"<response>{_element('task_id', id_)}</response>"])
@@ -817,10 +870,35 @@ class Endpoint:
             exec_at=create.exec_at,
             labels=create.labels,
         )
+        logged.result = id_
         task = self.svc.tasks.get_id(who.tenant, id_)
         if task is None:
             return document([f"<response>{_element('task_id', id_)}</response>"])
         return document([scheduled_response(task)])
+
+    async def _log(
+        self,
+        who: auth.Identity,
+        opcode: str,
+        request: Request,
+        logged: _Logged,
+        *,
+        exception: str,
+    ) -> None:
+        """A store failure never changes the answer: the call happened (as in rpc.py)."""
+        try:
+            await self.svc.call_log.append(
+                tenant=who.tenant,
+                method=f"bdom.{opcode}",
+                args_json=rpc.to_json({"args": [calllog.redact(logged.args)], "kw": {}}),
+                result_json="null" if exception else rpc.to_json(logged.result),
+                exception=exception,
+                address=request.address,
+                when=request.now,
+            )
+        except Exception:
+            self.on_log_failure()
+            log.exception("call log write failed for %s bdom.%s", who.tenant, opcode)
 
     def _error(self, exc: Exception, *, opcode: str) -> Reply:
         fault = FAULTS.fault_for(exc)
