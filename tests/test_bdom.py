@@ -604,3 +604,41 @@ def test_scheduled_operation_fires_at_its_exec_date_and_leaves_the_list(
         )
         assert ran_at >= at  # not before its exec-date
         assert _scheduled_ids(client) == []
+
+
+def test_the_controller_keeps_only_a_sealed_task_id(
+    cluster: Any, api: kubernetes.client.ApiClient, namespace: str, gw: RunningGateway
+) -> None:
+    """A ScheduledTask's id label is believed only with the gateway's seal: a tenant who
+    labels a task with someone else's id gets a fresh id from the controller."""
+    client = make_user_key(api, gw, tenant=namespace, user_id="sealer")
+    sealed = _created_id(client.create(opcode="delete", name="s.example", exec_date="2040-01-01"))
+    custom = kubernetes.client.CustomObjectsApi(api)
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "scheduledtasks",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ScheduledTask",
+            "metadata": {"name": "forged", "labels": {"opkeeper.dev/id": str(sealed)}},
+            "spec": {
+                "execAt": "2040-01-01T00:00:00Z",
+                "template": {"spec": {"type": "domain_delete", "executor": {"external": {}}}},
+            },
+        },
+    )
+
+    def status_id(name: str) -> int | None:
+        status = custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "scheduledtasks", name
+        ).get("status", {})
+        return status.get("id")
+
+    with controller_in_thread(kubeconfig=cluster.kubeconfig, namespace=namespace):
+        wait_for(lambda: status_id(f"stask-{sealed}") == sealed, what="the sealed id kept")
+        forged = wait_for(lambda: status_id("forged"), what="the forged task's own id")
+    assert forged != sealed
+    # The gateway serves the sealed task under its id, never the forged copy.
+    assert _scheduled_ids(client) == sorted([sealed, forged])
