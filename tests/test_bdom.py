@@ -545,6 +545,21 @@ def test_create_bodies(
     assert ops.get(
         f"op-{_created_id(client.post('/bdom/task/create/-/-/-/-/creator/', smuggled))}"
     )["spec"]["executor"] == {"builtin": {"action": "noop"}}
+    # A scheduled one too: its template gets the policy's executor, its labels class/type.
+    later = _created_id(
+        client.create(
+            opcode="noop", name="r.example", exec_date="2040-01-01", type="SIMPLE", tld_id=9
+        )
+    )
+    task = kubernetes.client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "scheduledtasks", f"stask-{later}"
+    )
+    assert task["spec"]["execAt"] == "2040-01-01T00:00:00Z"
+    assert task["spec"]["template"]["spec"]["executor"] == {"builtin": {"action": "noop"}}
+    assert task["spec"]["template"]["spec"]["params"] == {"tld_id": 9}
+    assert task["metadata"]["labels"][bdom.LABEL_TYPE] == "SIMPLE"
+    [listed] = client.scheduled().responses()
+    assert (listed["type"], listed["class"], listed["tld_id"]) == ("SIMPLE", "RELAUNCH", "9")
     for body, text in (
         (create_body(opcode="Bad Opcode", name="x.example"), b"TaskCreate.xsd"),
         (create_body(opcode="noop", name="Not_A_Domain"), b"not a valid name"),
