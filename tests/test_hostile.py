@@ -25,6 +25,7 @@ from tests.gateway_support import RunningGateway, module_gateway
 from tests.hostile import (
     STORE_TENANT_OPERATIONS,
     Answer,
+    BdomAdapter,
     DialectAdapter,
     GandiAdapter,
     GoceptAdapter,
@@ -47,7 +48,7 @@ from tests.hostile import (
     snapshot,
 )
 
-ADAPTERS: list[type[DialectAdapter[Any]]] = [GandiAdapter, GoceptAdapter]
+ADAPTERS: list[type[DialectAdapter[Any]]] = [GandiAdapter, GoceptAdapter, BdomAdapter]
 """Every dialect the gateway serves. A dialect added later adds its adapter here."""
 
 READ_TIMEOUT = 2.0
