@@ -26,6 +26,7 @@ from tests.gateway_support import RunningGateway, module_gateway
 from tests.hostile import (
     STORE_TENANT_OPERATIONS,
     Answer,
+    BdomAdapter,
     DialectAdapter,
     GandiAdapter,
     GoceptAdapter,
@@ -49,7 +50,12 @@ from tests.hostile import (
 )
 from tests.hostile_cloudstack import CloudStackAdapter
 
-ADAPTERS: list[type[DialectAdapter[Any]]] = [GandiAdapter, GoceptAdapter, CloudStackAdapter]
+ADAPTERS: list[type[DialectAdapter[Any]]] = [
+    GandiAdapter,
+    GoceptAdapter,
+    BdomAdapter,
+    CloudStackAdapter,
+]
 """Every dialect the gateway serves. A dialect added later adds its adapter here."""
 
 READ_TIMEOUT = 2.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import re
 import secrets
 import urllib.parse
@@ -239,6 +240,43 @@ def _gocept_snippet(*, key: NewKey, url: str) -> str:
     )
 
 
+def _bdom_path(*, url: str, user_id: str, opcode: str) -> str:
+    return f"{url}/bdom/task/{opcode}/-/-/-/-/{urllib.parse.quote(user_id, safe='@')}/"
+
+
+def _bdom_curl(key: NewKey, *, url: str) -> list[str]:
+    """Ready-to-paste shell lines: list the tasks, list the scheduled ones, schedule a
+    domain delete, delete a task (user ids and keys hold no shell metacharacters)."""
+    auth_ = f"-u '{key.user_id}:{key.api_key}'"
+    xml = "-H 'Content-Type: text/xml' --data-binary"
+    path = functools.partial(_bdom_path, url=url, user_id=key.user_id)
+    return [
+        f"curl -sS {auth_} {path(opcode='status')}",
+        f"curl -sS {auth_} {path(opcode='scheduled')}",
+        f"curl -sS {auth_} {xml} '<request><create><opcode>delete</opcode><object>domain"
+        "</object><name>example.org</name><exec-date>2030-01-01</exec-date></create></request>'"
+        f" {path(opcode='create')}",
+        f"curl -sS {auth_} {xml} '<request><delete><task_id>TASK_ID</task_id></delete>"
+        f"</request>' {path(opcode='delete')}",
+    ]
+
+
+def _bdom_snippet(*, key: NewKey, url: str) -> str:
+    # The text is Python as a whole, so the curl lines are comments (paste them without
+    # the leading '# '); the Python below makes the first one's request.
+    curl = "".join(f"#   {line}\n" for line in _bdom_curl(key, url=url))
+    token = base64.b64encode(f"{key.user_id}:{key.api_key}".encode()).decode("ascii")
+    return (
+        f"# with curl:\n{curl}"
+        "import urllib.request\n"
+        "bdom = urllib.request.Request(\n"
+        f"    {_bdom_path(url=url, user_id=key.user_id, opcode='status')!r},\n"
+        f"    headers={{'Authorization': {'Basic ' + token!r}}},\n"
+        ")\n"
+        "print(urllib.request.urlopen(bdom).read().decode())\n"
+    )
+
+
 def _cloudstack_snippet(*, key: NewKey, url: str) -> str:
     return (
         "import pprint\n"
@@ -264,6 +302,16 @@ CLIENT_FORMS: tuple[ClientForm, ...] = (
         title="gocept: xmlrpc.client, HTTP Basic auth",
         credentials=lambda key: {"username": key.user_id, "password": key.api_key},
         snippet=_gocept_snippet,
+    ),
+    ClientForm(
+        dialect=states.Dialect.BDOM,
+        title="BDOM REST: curl or urllib, HTTP Basic auth (the key as password)",
+        credentials=lambda key: {
+            "username": key.user_id,
+            "password": key.api_key,
+            "statusPath": _bdom_path(url="", user_id=key.user_id, opcode="status"),
+        },
+        snippet=_bdom_snippet,
     ),
     ClientForm(
         dialect=states.Dialect.CLOUDSTACK,

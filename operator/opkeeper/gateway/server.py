@@ -50,7 +50,7 @@ from aiohttp import web
 
 from opkeeper import ids, keys, kube
 from opkeeper.gateway import auth, cache, calllog, dialects, faults, kubeio, rpc, service, xmlrpc
-from opkeeper.gateway.dialects import cloudstack
+from opkeeper.gateway.dialects import bdom, cloudstack
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,11 @@ class Gateway:
             settings=settings.cloudstack,
             on_log_failure=self.metrics.call_log_failures.inc,
         )
+        self.bdom = bdom.Endpoint(
+            svc=self.service,
+            keyring=self.keyring,
+            on_log_failure=self.metrics.call_log_failures.inc,
+        )
         self.synced = {name: asyncio.Event() for name in ("operations", "scheduledtasks", "keys")}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -382,8 +387,10 @@ class Gateway:
             response.force_close()  # the rest of the body was never read
         return response
 
-    async def _read_body(self, request: web.Request) -> bytes | Exception:
-        limit = self.settings.limits.max_body_bytes
+    async def _read_body(
+        self, request: web.Request, *, limit: int | None = None
+    ) -> bytes | Exception:
+        limit = self.settings.limits.max_body_bytes if limit is None else limit
         too_large = xmlrpc.BodyTooLarge(f"request body larger than {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
             return too_large
@@ -405,6 +412,40 @@ class Gateway:
                 f"request body not received within {self.settings.read_timeout_seconds} s"
             )
         return b"".join(chunks)
+
+    async def bdom_task(self, request: web.Request) -> web.StreamResponse:
+        """``/bdom/task/...``: the BDOM REST dialect (:mod:`.dialects.bdom`)."""
+        started = time.perf_counter()
+        body: bytes | Exception = b""
+        if request.method == "POST":
+            body = await self._read_body(request, limit=self.bdom.limits.max_body_bytes)
+        reply = await self.bdom.handle(
+            bdom.Request(
+                method=request.method,
+                raw_path=request.raw_path,
+                authorization=request.headers.get("Authorization"),
+                body=body,
+                now=datetime.datetime.now(datetime.UTC),
+                address=request.remote or "",
+            )
+        )
+        self.metrics.record(
+            dialect=bdom.DIALECT.value,
+            method=reply.opcode,
+            outcome=reply.outcome,
+            seconds=time.perf_counter() - started,
+        )
+        response = web.Response(
+            status=reply.status,
+            body=reply.body,
+            content_type=bdom.CONTENT_TYPE,
+            charset="utf-8",
+            headers=reply.headers,
+        )
+        if isinstance(body, Exception):
+            # The rest of an oversized or slow body was never read: no reuse.
+            response.force_close()
+        return response
 
     async def healthz(self, request: web.Request) -> web.Response:
         dead = [t.get_name() for t in self._tasks if t.done()]
@@ -437,6 +478,9 @@ class Gateway:
                 # No HEAD: a CloudStack GET may create an operation, a HEAD never should.
                 web.get("/client/api", self.cloudstack_api, allow_head=False),
                 web.post("/client/api", self.cloudstack_api),
+                # Any path under /bdom/, newlines included (a decoded %0A), so that every
+                # malformed BDOM path gets the dialect's XML error, never aiohttp's 404.
+                web.route("*", "/bdom/{tail:[\\s\\S]*}", self.bdom_task),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.prometheus),
