@@ -1,6 +1,7 @@
 """Gateway benchmark: Gandi operation_details and gocept query throughput (each also as a
 fraction of the HTTP-only ceiling measured in the same run), operation_list p99, peak RSS;
 BDOM's single-task status rate and filtered-list p99 against Gandi's details and list.
+CloudStack queryAsyncJobResult (signed, JSON and XML) against the Gandi details rate.
 
 The gateway runs in its own process (as in production) with N Operations in
 its cache; a load generator in this process drives it over loopback HTTP with
@@ -60,6 +61,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import urllib.parse
 import xmlrpc.client
 from typing import Any
 
@@ -68,11 +70,14 @@ import aiohttp
 import common  # bench/common.py: the script's directory is on sys.path
 from opkeeper import kube
 from opkeeper.gateway import auth, server
+from opkeeper.gateway.dialects import cloudstack
 
 NAMESPACE = "bench"
 KEY = "opk_bench-key-not-secret"
 SESSION_KEY = auth.FixedKey(value=b"bench-session-key-not-secret-32b")
 """Shared by every worker, as the session key Secret is in a cluster."""
+CLOUDSTACK_KEY = auth.FixedKey(value=b"bench-cloudstack-master-not-secret")
+"""The CloudStack master key, shared by every worker as its Secret is in a cluster."""
 TYPES = ["domain_create", "domain_renew", "domain_transfer", "vm_deploy", "dns_update"]
 STATES = [
     "Pending",
@@ -161,6 +166,7 @@ async def _gateway_main(
             kube_client=client,
             session_key=SESSION_KEY,
             feeds=kubeconfig is not None,
+            cloudstack_key=CLOUDSTACK_KEY,
         ) as (gateway, port),
     ):
         started = time.perf_counter()
@@ -422,6 +428,30 @@ def list_bodies(session: str) -> list[bytes]:
     return [xmlrpc.client.dumps((session, f), "operation_list").encode() for f in filters]
 
 
+def cloudstack_requests(port: int, size: int, *, as_json: bool) -> list[bytes]:
+    """Signed ``queryAsyncJobResult`` GETs (signatureVersion 3, as ``cs`` sends them) for
+    random job ids, built once: the gateway checks each signature on every call."""
+    key_hash = auth.hash_key(KEY)
+    secret = cloudstack.secret_key(master=CLOUDSTACK_KEY.value, key_hash=key_hash)
+    rnd = random.Random(7)
+    out = []
+    for _ in range(2000):
+        params = {
+            "command": "queryAsyncJobResult",
+            "jobid": str(rnd.randrange(1, size + 1)),
+            "apiKey": cloudstack.api_key(key_hash),
+            "signatureVersion": "3",
+            "expires": "2999-01-01T00:00:00+0000",
+            **({"response": "json"} if as_json else {}),
+        }
+        signature = cloudstack.sign(list(params.items()), secret=secret)
+        query = urllib.parse.urlencode({**params, "signature": signature})
+        out.append(
+            f"GET /client/api?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode("ascii")
+        )
+    return out
+
+
 class Gateways:
     """The gateway process(es) under test, each answering on its own pipe."""
 
@@ -541,6 +571,20 @@ async def bench_size(
             port, [], duration=duration, concurrency=list_concurrency, prepared=bdom_lists
         )
         bdom_list_cpu_us = (await gateways.cpu() - cpu_before) / bdom_list.requests * 1e6
+        # CloudStack's poll: queryAsyncJobResult, signature checked on every call.
+        cloudstack_runs: dict[str, dict[str, Any]] = {}
+        for form in ("json", "xml"):
+            signed = cloudstack_requests(port, size, as_json=form == "json")
+            cpu_before = await gateways.cpu()
+            polled = await load(
+                port, [], duration=duration, concurrency=concurrency, prepared=signed
+            )
+            cpu_us = (await gateways.cpu() - cpu_before) / polled.requests * 1e6
+            cloudstack_runs[form] = {
+                **polled.summary(),
+                "gateway_cpu_us_per_call": round(cpu_us),
+                "of_gandi_details": round(polled.rate / details_result.rate, 3),
+            }
         rss = await gateways.stop()
     return {
         "operations": size,
@@ -561,6 +605,7 @@ async def bench_size(
             "gandi_details": round(details_result.rate / http_only["req_per_s"], 3),
             "gocept_query": round(query_result.rate / http_only["req_per_s"], 3),
         },
+        "cloudstack_query": cloudstack_runs,
         "list": {**list_result.summary(), "gateway_cpu_us_per_call": round(list_cpu_us)},
         "list_one_client": list_serial.summary(),
         "bdom_status": {
@@ -690,6 +735,28 @@ def _ratio_column(run: dict[str, Any]) -> str:
     return f"{ratios['gandi_details']:.2f} / {ratios['gocept_query']:.2f}"
 
 
+def cloudstack_table(report: dict[str, Any]) -> list[str]:
+    """CloudStack queryAsyncJobResult of each run (runs before it have none)."""
+    runs = [r for r in report["runs"] if "cloudstack_query" in r]
+    if not runs:
+        return []
+    lines = [
+        "CloudStack `queryAsyncJobResult` (signed GETs, `signatureVersion=3`, the signature"
+        " checked on every call; same clients as details):",
+        "",
+        "| operations | answer | req/s | p50 ms | p99 ms | gateway CPU µs per call"
+        " | of Gandi details req/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        for form, q in r["cloudstack_query"].items():
+            lines.append(
+                f"| {r['operations']:,} | {form.upper()} | {q['req_per_s']:,} | {q['p50_ms']}"
+                f" | {q['p99_ms']} | {q['gateway_cpu_us_per_call']} | {q['of_gandi_details']:.2f} |"
+            )
+    return [*lines, ""]
+
+
 def heading(report: dict[str, Any]) -> str:
     m = report["machine"]
     return (
@@ -713,6 +780,7 @@ def markdown(report: dict[str, Any]) -> str:
         *table(report),
         "",
         *bdom_table(report),
+        *cloudstack_table(report),
         *report["notes"],
     ]
     if report.get("history"):

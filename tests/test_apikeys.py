@@ -158,6 +158,7 @@ def test_the_json_has_the_key_and_each_dialects_credentials_in_its_own_words() -
         "apiKey": key.api_key,
         "gandi": {"login": "alice", "password": key.api_key},
         "gocept": {"username": "alice", "password": key.api_key},
+        "cloudstack": {"apiKey": key.cloudstack_api_key, "secretKey": key.cloudstack_secret},
         "bdom": {
             "username": "alice",
             "password": key.api_key,

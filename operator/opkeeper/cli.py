@@ -203,6 +203,13 @@ def _apikey_parser(parser: argparse.ArgumentParser) -> None:
         help="user id (letters, digits, '.', '_', '@', '-'): the Gandi login",
     )
     create.add_argument(
+        "--system-namespace",
+        default=apikeys.DEFAULT_SYSTEM_NAMESPACE,
+        type=_checked(names.namespace),
+        help="the gateway's --system-namespace, whose master key the CloudStack secretKey"
+        f" derives from (default {apikeys.DEFAULT_SYSTEM_NAMESPACE})",
+    )
+    create.add_argument(
         "--url",
         default=apikeys.DEFAULT_URL,
         type=_checked(apikeys.gateway_url),
@@ -247,7 +254,11 @@ async def _apikey_run(args: argparse.Namespace) -> int:
 
 async def _apikey_create(client: kube.Client, args: argparse.Namespace) -> int:
     key = await apikeys.create(
-        client, key_namespace=args.key_namespace, tenant=args.namespace, user=args.user
+        client,
+        key_namespace=args.key_namespace,
+        tenant=args.namespace,
+        user=args.user,
+        system_namespace=args.system_namespace,
     )
     print(json.dumps(key.to_json(), indent=2) if args.output == "json" else key.text(url=args.url))
     return 0

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 
 from opkeeper.gateway import auth, calllog, server, service, xmlrpc
+from opkeeper.gateway.dialects import cloudstack
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ' e.g. domain_check=\'{"builtin": {"action": "noop"}}\'; repeatable'
         " (default for other types: external)",
     )
+    parser.add_argument(
+        "--cloudstack-command",
+        action="append",
+        default=[],
+        metavar="COMMAND=TYPE",
+        help="a CloudStack async command served on /client/api and the operation type it"
+        " creates, e.g. deployVirtualMachine=vm_deploy; repeatable (the executor still"
+        " comes from --executor)",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -115,6 +125,7 @@ def settings_from(args: argparse.Namespace) -> server.Settings:
         sessions=dataclasses.replace(auth.SessionSettings(), ttl_seconds=args.session_ttl),
         service=service.Settings(executors=server.executors_from(args.executor)),
         limits=dataclasses.replace(xmlrpc.DEFAULT_LIMITS, max_body_bytes=args.max_body),
+        cloudstack=cloudstack.Settings(commands=cloudstack.commands_from(args.cloudstack_command)),
         max_connections=args.max_connections,
         header_timeout_seconds=args.header_timeout,
         keepalive_timeout_seconds=args.keepalive_timeout,

@@ -50,7 +50,7 @@ from aiohttp import web
 
 from opkeeper import ids, keys, kube
 from opkeeper.gateway import auth, cache, calllog, dialects, faults, kubeio, rpc, service, xmlrpc
-from opkeeper.gateway.dialects import bdom
+from opkeeper.gateway.dialects import bdom, cloudstack
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class Settings:
     sessions: auth.SessionSettings = dataclasses.field(default_factory=auth.SessionSettings)
     service: service.Settings = dataclasses.field(default_factory=service.Settings)
     limits: xmlrpc.Limits = xmlrpc.DEFAULT_LIMITS
+    cloudstack: cloudstack.Settings = dataclasses.field(default_factory=cloudstack.Settings)
+    """The CloudStack dialect's async commands (command -> Operation type) and limits."""
     read_timeout_seconds: float = 10.0
     """Longest time a request body may take to arrive (default 10 s), so a client that
     trickles bytes cannot hold a connection and a buffer forever."""
@@ -212,6 +214,7 @@ class Gateway:
         id_allocator: service.Ids | None = None,
         id_seal: service.Seal | None = None,
         session_key: auth.SigningKey | None = None,
+        cloudstack_key: auth.SigningKey | None = None,
     ) -> None:
         self.settings = settings
         self.connections = Connections(settings=settings)
@@ -253,6 +256,16 @@ class Gateway:
             keyring=self.keyring,
             methods=dialects.xmlrpc_methods(),
             limits=settings.limits,
+            on_log_failure=self.metrics.call_log_failures.inc,
+        )
+        self.cloudstack = cloudstack.Api(
+            svc=self.service,
+            keyring=self.keyring,
+            master_key=cloudstack_key
+            or keys.KeyedSecret(
+                kube_client, namespace=settings.system_namespace, name=cloudstack.MASTER_KEY_SECRET
+            ),
+            settings=settings.cloudstack,
             on_log_failure=self.metrics.call_log_failures.inc,
         )
         self.bdom = bdom.Endpoint(
@@ -344,6 +357,36 @@ class Gateway:
             response.force_close()
         return response
 
+    async def cloudstack_api(self, request: web.Request) -> web.StreamResponse:
+        """``/client/api``: the query string, and for a POST the form body (read within
+        the same size limit and deadline as an XML-RPC body)."""
+        started = time.perf_counter()
+        body: bytes | Exception = b""
+        if request.method == "POST":
+            body = await self._read_body(request)
+        answer = await self.cloudstack.handle(
+            query=request.rel_url.raw_query_string,
+            body=body,
+            form=request.content_type == "application/x-www-form-urlencoded",
+            address=request.remote or "",
+            now=datetime.datetime.now(datetime.UTC),
+        )
+        self.metrics.record(
+            dialect=cloudstack.DIALECT.value,
+            method=answer.command,
+            outcome=answer.outcome,
+            seconds=time.perf_counter() - started,
+        )
+        response = web.Response(
+            status=answer.status,
+            body=answer.body,
+            content_type=answer.content_type,
+            charset="utf-8",
+        )
+        if isinstance(body, Exception):
+            response.force_close()  # the rest of the body was never read
+        return response
+
     async def _read_body(
         self, request: web.Request, *, limit: int | None = None
     ) -> bytes | Exception:
@@ -432,6 +475,9 @@ class Gateway:
         application.add_routes(
             [
                 web.post("/xmlrpc", self.xmlrpc),
+                # No HEAD: a CloudStack GET may create an operation, a HEAD never should.
+                web.get("/client/api", self.cloudstack_api, allow_head=False),
+                web.post("/client/api", self.cloudstack_api),
                 # Any path under /bdom/, newlines included (a decoded %0A), so that every
                 # malformed BDOM path gets the dialect's XML error, never aiohttp's 404.
                 web.route("*", "/bdom/{tail:[\\s\\S]*}", self.bdom_task),
@@ -610,6 +656,7 @@ async def running(
     id_allocator: service.Ids | None = None,
     session_key: auth.SigningKey | None = None,
     feeds: bool = True,
+    cloudstack_key: auth.SigningKey | None = None,
 ) -> AsyncIterator[tuple[Gateway, int]]:
     """Run a gateway until the block ends; yields it and the port it listens on.
 
@@ -629,6 +676,7 @@ async def running(
         call_log=store,
         id_allocator=id_allocator,
         session_key=session_key,
+        cloudstack_key=cloudstack_key,
     )
     runner = web.AppRunner(
         gateway.app(),

@@ -243,6 +243,25 @@ class Service:
             raise errors.NotFound(f"operation {id_} not found")
         return entry
 
+    def job_ids(
+        self, *, who: auth.Identity, created_after: datetime.datetime | None
+    ) -> list[cache.OpId]:
+        """Every operation id of the caller's namespace, newest first, or those created at
+        or after ``created_after`` (CloudStack's listAsyncJobs pages through them). The
+        date index is on the update time, which is never before the creation time, so
+        it narrows the candidates and the creation time decides."""
+        ids = self.operations.list_ids(
+            who.tenant, updated_after=created_after, limit=len(self.operations)
+        )
+        if created_after is None:
+            return ids
+        out = []
+        for id_ in ids:
+            entry = self.operations.get_id(who.tenant, id_)
+            if entry is not None and entry.date_created >= created_after:
+                out.append(id_)
+        return out
+
     def query(
         self, *, who: auth.Identity, type_: str, exact: Mapping[str, Any]
     ) -> list[records.Record]:
