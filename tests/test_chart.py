@@ -38,6 +38,11 @@ EXPECTED_PERMISSIONS = HERE / "permissions.txt"
 TIMEOUT = 120
 
 
+INSTALL = ("--force-conflicts",)
+"""The suite applied the CRDs already (server-side, as field manager opkeeper); helm 4
+applies them server-side too, and takes them over instead of stopping on a conflict."""
+
+
 def helm(*args: str, kubeconfig: str | None = None, check: bool = True) -> str:
     command = [str(localcluster.find_helm()), *args]
     if kubeconfig:
@@ -235,7 +240,9 @@ def release(cluster: Any, api: kubernetes.client.ApiClient) -> Iterator[str]:
     """The chart installed with its defaults into a namespace of its own; its name."""
     name = f"chart-{uuid.uuid4().hex[:6]}"
     kubernetes.client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
-    helm("install", RELEASE, str(CHART), "--namespace", name, kubeconfig=cluster.kubeconfig)
+    helm(
+        "install", RELEASE, str(CHART), "--namespace", name, *INSTALL, kubeconfig=cluster.kubeconfig
+    )
     yield name
     helm("uninstall", RELEASE, "--namespace", name, kubeconfig=cluster.kubeconfig, check=False)
 
@@ -298,7 +305,6 @@ def test_the_charts_service_accounts_can_run_a_whole_scenario(
     tmp_path: pathlib.Path,
 ) -> None:
     import os
-    import urllib.request
 
     controller = token_kubeconfig(
         cluster, release=release, account=f"{FULLNAME}-controller", path=tmp_path / "controller"
@@ -307,6 +313,31 @@ def test_the_charts_service_accounts_can_run_a_whole_scenario(
         cluster, release=release, account=f"{FULLNAME}-gateway", path=tmp_path / "gateway"
     )
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    try:
+        _scenario(cluster, api, release, namespace, tmp_path, controller, gateway, env)
+    except AssertionError as exc:
+        logs = "\n".join(
+            f"--- {name}\n{(tmp_path / name).read_text(errors='replace')[-3000:]}"
+            for name in ("controller.log", "gateway.log")
+        )
+        raise AssertionError(f"{exc}\n{logs}") from None
+    for log in ("controller.log", "gateway.log"):
+        text = (tmp_path / log).read_text()
+        assert "forbidden" not in text.lower(), text[-4000:]
+
+
+def _scenario(
+    cluster: Any,
+    api: kubernetes.client.ApiClient,
+    release: str,
+    namespace: str,
+    tmp_path: pathlib.Path,
+    controller: str,
+    gateway: str,
+    env: dict[str, str],
+) -> None:
+    import urllib.request
+
     port = free_port()
     cli = [sys.executable, "-m", "opkeeper.cli"]
     with (
@@ -357,7 +388,12 @@ def test_the_charts_service_accounts_can_run_a_whole_scenario(
             except OSError:
                 return False
 
-        wait_for(ready, timeout=60, what="the gateway, as its ServiceAccount, to be ready")
+        try:
+            wait_for(ready, timeout=60, what="the gateway, as its ServiceAccount, to be ready")
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}\n{(tmp_path / 'gateway.log').read_text()[-4000:]}"
+            ) from None
         ops = Ops(api, namespace)
         # The controller: a builtin operation, a Job, a ScheduledTask that fires.
         ops.create("noop", {"type": "t", "executor": {"builtin": {"action": "noop"}}})
@@ -457,9 +493,6 @@ def test_the_charts_service_accounts_can_run_a_whole_scenario(
         applied = gocept.apply([{"__type__": "operation", "name": "via-gocept", "type": "t"}])
         assert applied[0]["name"] == "via-gocept"
         assert any(e["method"] == "apply" for e in gocept.log(0))
-    for log in ("controller.log", "gateway.log"):
-        text = (tmp_path / log).read_text()
-        assert "forbidden" not in text.lower(), text[-4000:]
 
 
 def _login(proxy: xmlrpc.client.ServerProxy, user: str, key: str) -> str | None:
@@ -487,8 +520,17 @@ def permissions(cluster: Any, *, release: str, tenant: str) -> str:
             listed = kubectl(
                 cluster.kubeconfig, "auth", "can-i", "--list", "--as", subject, "-n", where
             )
-            out.append(f"## {account} in {label}\n{listed.replace(release, 'RELEASE')}")
-    return "\n".join(out)
+            header, *rows = listed.replace(release, "RELEASE").splitlines()
+            # Whitespace-normalised and sorted: kubectl's column widths and row order
+            # are not the point.
+            lines = sorted({_sorted_verbs(" ".join(row.split())) for row in rows if row.strip()})
+            out.append("\n".join([f"## {account} in {label}", " ".join(header.split()), *lines]))
+    return "\n\n".join(out) + "\n"
+
+
+def _sorted_verbs(row: str) -> str:
+    """The verbs of a row in one order: kubectl merges rules in no fixed order."""
+    return re.sub(r"\[([^\]]*)\]$", lambda m: f"[{' '.join(sorted(m[1].split()))}]", row)
 
 
 def test_the_permissions_are_the_committed_list(cluster: Any, release: str, namespace: str) -> None:
@@ -508,12 +550,16 @@ def test_upgrade_keeps_the_call_log_and_uninstall_leaves_only_the_crds(
     name = f"chart-up-{uuid.uuid4().hex[:6]}"
     core = kubernetes.client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": name}})
-    claim = f"{FULLNAME}-gateway-calllog"
-    helm("install", RELEASE, str(CHART), "--namespace", name, kubeconfig=cluster.kubeconfig)
+    # A release name of its own: the module's release holds the cluster-wide names.
+    release = "opk2"
+    claim = f"{release}-opkeeper-gateway-calllog"
+    helm(
+        "install", release, str(CHART), "--namespace", name, *INSTALL, kubeconfig=cluster.kubeconfig
+    )
     before = core.read_namespaced_persistent_volume_claim(claim, name).metadata.uid
     helm(
         "upgrade",
-        RELEASE,
+        release,
         str(CHART),
         "--namespace",
         name,
@@ -522,29 +568,31 @@ def test_upgrade_keeps_the_call_log_and_uninstall_leaves_only_the_crds(
         kubeconfig=cluster.kubeconfig,
     )
     assert core.read_namespaced_persistent_volume_claim(claim, name).metadata.uid == before
-    helm("uninstall", RELEASE, "--namespace", name, kubeconfig=cluster.kubeconfig)
-    selector = f"app.kubernetes.io/instance={RELEASE}"
-    left = kubectl(
-        cluster.kubeconfig,
-        "get",
-        "all,pvc,sa,role,rolebinding,pdb,configmap,secret",
-        "--namespace",
-        name,
-        "-l",
-        selector,
-        "-o",
-        "name",
-    )
-    left += kubectl(
-        cluster.kubeconfig,
-        "get",
-        "clusterrole,clusterrolebinding",
-        "-l",
-        f"{selector},app.kubernetes.io/name=opkeeper",
-        "-o",
-        "name",
-    )
-    assert left.strip() == ""
+    helm("uninstall", release, "--namespace", name, kubeconfig=cluster.kubeconfig)
+    selector = f"app.kubernetes.io/instance={release}"
+    kinds = "all,pvc,sa,role,rolebinding,pdb,configmap,secret"
+    left = json.loads(
+        kubectl(cluster.kubeconfig, "get", kinds, "-n", name, "-l", selector, "-o", "json")
+    )["items"]
+    left += json.loads(
+        kubectl(
+            cluster.kubeconfig,
+            "get",
+            "clusterrole,clusterrolebinding",
+            "-l",
+            selector,
+            "-o",
+            "json",
+        )
+    )["items"]
+    # Deleted, but the claim's protection finalizer is removed by kube-controller-manager,
+    # which does not run locally: being deleted is what uninstall can do.
+    assert [
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in left
+        if not o["metadata"].get("deletionTimestamp")
+        or o["metadata"].get("finalizers") != ["kubernetes.io/pvc-protection"]
+    ] == []
     kubectl(cluster.kubeconfig, "get", "crd", "operations.opkeeper.dev")
 
 
