@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 
+from opkeeper import logs
 from opkeeper.gateway import auth, calllog, server, service, xmlrpc
 from opkeeper.gateway.dialects import cloudstack
 
@@ -111,6 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " comes from --executor)",
     )
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=logs.DEFAULT_FORMAT)
 
 
 def settings_from(args: argparse.Namespace) -> server.Settings:
@@ -134,12 +136,15 @@ def settings_from(args: argparse.Namespace) -> server.Settings:
 
 
 def run(args: argparse.Namespace) -> int:
-    server.setup_logging(level=args.log_level)
+    logs.setup(level=args.log_level, fmt=args.log_format)
     settings = settings_from(args)
     log.info("call log: %s (kept %s)", settings.call_log_path, calllog.RETENTION)
     if settings.workers > 1:
         return server.serve_workers(
-            settings=settings, kubeconfig=args.kubeconfig, log_level=args.log_level
+            settings=settings,
+            kubeconfig=args.kubeconfig,
+            log_level=args.log_level,
+            log_format=args.log_format,
         )
     asyncio.run(server.serve(settings=settings, kubeconfig=args.kubeconfig))
     return 0

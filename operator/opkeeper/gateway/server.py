@@ -48,7 +48,7 @@ import prometheus_client.multiprocess
 import prometheus_client.registry
 from aiohttp import web
 
-from opkeeper import ids, keys, kube
+from opkeeper import ids, keys, kube, logs
 from opkeeper.gateway import auth, cache, calllog, dialects, faults, kubeio, rpc, service, xmlrpc
 from opkeeper.gateway.dialects import bdom, cloudstack
 
@@ -749,7 +749,9 @@ def reserve_port(*, host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_workers(*, settings: Settings, kubeconfig: str | None, log_level: str) -> int:
+def serve_workers(
+    *, settings: Settings, kubeconfig: str | None, log_level: str, log_format: str
+) -> int:
     """``opkeeper gateway --workers N``: start N gateway processes on one port, and stop
     them all on SIGTERM or SIGINT, or as soon as one of them exits.
 
@@ -764,7 +766,11 @@ def serve_workers(*, settings: Settings, kubeconfig: str | None, log_level: str)
     settings = dataclasses.replace(settings, port=reserved.getsockname()[1])
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker, args=(settings, kubeconfig, log_level), name=f"gateway-{n}")
+        context.Process(
+            target=_worker,
+            args=(settings, kubeconfig, log_level, log_format),
+            name=f"gateway-{n}",
+        )
         for n in range(settings.workers)
     ]
     stopping = False
@@ -800,15 +806,8 @@ def serve_workers(*, settings: Settings, kubeconfig: str | None, log_level: str)
         del os.environ[MULTIPROC_DIR]
 
 
-def setup_logging(*, level: str) -> None:
-    """The gateway's log lines, with the process id (workers share one output)."""
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
-    )
-
-
-def _worker(settings: Settings, kubeconfig: str | None, log_level: str) -> None:
-    setup_logging(level=log_level)
+def _worker(settings: Settings, kubeconfig: str | None, log_level: str, log_format: str) -> None:
+    logs.setup(level=log_level, fmt=log_format)
     asyncio.run(serve(settings=settings, kubeconfig=kubeconfig))
 
 
