@@ -320,7 +320,7 @@ def _build_record(entry: cache.OperationEntry) -> dict[str, Any]:
             "result": json.dumps(result, sort_keys=True)
             if entry.state is states.State.SUCCEEDED and result
             else "",
-            "error_code": int(code) if isinstance(code, int) else (1 if failed else 0),
+            "error_code": int(code) if isinstance(code, int) and code else (1 if failed else 0),
             "error_info": info,
             "created": entry.date_created,
             "finished": end,
