@@ -33,6 +33,7 @@ from tests.hostile import (
     StoreProbe,
     Tenant,
     World,
+    XenApiAdapter,
     build_tenant,
     build_world,
     call_log_count,
@@ -47,7 +48,7 @@ from tests.hostile import (
     snapshot,
 )
 
-ADAPTERS: list[type[DialectAdapter[Any]]] = [GandiAdapter, GoceptAdapter]
+ADAPTERS: list[type[DialectAdapter[Any]]] = [GandiAdapter, GoceptAdapter, XenApiAdapter]
 """Every dialect the gateway serves. A dialect added later adds its adapter here."""
 
 READ_TIMEOUT = 2.0

@@ -389,7 +389,9 @@ def test_every_error_path_answers_with_the_envelope(
     )
     assert code(posted(gw, raw_call("task.get_all", ""))) == "MESSAGE_PARAMETER_COUNT_MISMATCH"
     doctype = b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><methodCall/>'
-    assert code(posted(gw, doctype)) == "XMLRPC_UNMARSHAL_FAILURE"
+    assert code(posted(gw, doctype)) == "XMLRPC_REQUEST_REFUSED"
+    deep = raw_call("task.get_all", "<param>" + "<value><array><data>" * 40 + "</param>")
+    assert code(posted(gw, deep)) == "XMLRPC_REQUEST_REFUSED"
 
     # The call log has the XenAPI calls, without the key or the session.
     entries = gw.gocept(key).log()

@@ -144,6 +144,26 @@ ROWS: tuple[Row, ...] = (
         doc="method, expected count, received count",
     ),
     Row(error=xmlrpc.BadParams, code="FIELD_TYPE_ERROR", params=_field, doc="field"),
+    # XenAPI has no codes for a refused body: these two are opkeeper's own, so a client
+    # can tell "too large" and "refused for its shape" from a malformed call.
+    Row(
+        error=xmlrpc.BodyTooLarge,
+        code="XMLRPC_REQUEST_TOO_LARGE",
+        params=_message,
+        doc="the size limit",
+    ),
+    Row(
+        error=xmlrpc.ForbiddenXml,
+        code="XMLRPC_REQUEST_REFUSED",
+        params=_message,
+        doc="what the body uses that is refused (a DTD, an entity)",
+    ),
+    Row(
+        error=xmlrpc.LimitExceeded,
+        code="XMLRPC_REQUEST_REFUSED",
+        params=_message,
+        doc="the limit the body breaks (depth, elements)",
+    ),
     Row(
         error=xmlrpc.CodecError,
         code="XMLRPC_UNMARSHAL_FAILURE",
