@@ -110,6 +110,27 @@ class Encoded:
     result_json: str
 
 
+class _Answers:
+    """Encoded event.from answers for the feed's current token only (a change makes them
+    all stale), at most :data:`ANSWERS_KEPT` of them."""
+
+    def __init__(self) -> None:
+        self._now = -1
+        self._kept: dict[tuple[str, str, tuple[str, ...], int], Encoded] = {}
+
+    def get(self, key: tuple[str, str, tuple[str, ...], int]) -> Encoded | None:
+        return self._kept.get(key) if key[3] == self._now else None
+
+    def put(self, key: tuple[str, str, tuple[str, ...], int], answer: Encoded, *, now: int) -> None:
+        if now != self._now or len(self._kept) >= ANSWERS_KEPT:
+            self._kept, self._now = {}, now
+        self._kept[key] = answer
+
+
+ANSWERS_KEPT = 256
+"""Distinct event.from answers (tenant, token, classes) kept for the current token."""
+
+
 def _envelope(value: Any) -> dict[str, Any]:
     return {"Status": "Success", "Value": value}
 
@@ -135,6 +156,7 @@ class Endpoint:
         self.feed = feed
         self.limits = limits
         self.on_log_failure = on_log_failure
+        self.event_answers = _Answers()
 
     async def handle(self, *, body: bytes | Exception, request: rpc.Request) -> rpc.Outcome:
         """Answer one request (``body`` is the error when the body could not be read)."""
@@ -534,7 +556,7 @@ async def _task_create(ep: Endpoint, call: Call) -> str:
 _TOKEN = re.compile(r"^[0-9]{1,20}\Z")
 
 
-async def _event_from(ep: Endpoint, call: Call) -> dict[str, Any]:
+async def _event_from(ep: Endpoint, call: Call) -> Encoded:
     given = call.args[0]
     if not isinstance(given, list) or not all(isinstance(c, str) for c in given):
         raise xenfaults.FieldTypeError("classes")
@@ -558,6 +580,14 @@ async def _event_from(ep: Endpoint, call: Call) -> dict[str, Any]:
             await ep.feed.wait(tenant, token=token, seconds=float(timeout))
             changes = ep.feed.since(tenant, token)
     now = ep.feed.token
+    call.logged_args = [rpc.REDACTED_SESSION, classes, token_text, timeout]
+    # Every client waiting with the same token wakes for the same change and gets the same
+    # answer: it is built and encoded once (a crowd of waiters costs one encoding).
+    key = (tenant, token_text, tuple(classes), now)
+    kept = ep.event_answers.get(key)
+    if kept is not None:
+        call.logged_result = kept
+        return kept
     events: list[dict[str, Any]] = []
     if wanted_all or wanted:
         if changes is None:
@@ -567,9 +597,13 @@ async def _event_from(ep: Endpoint, call: Call) -> dict[str, Any]:
             events = _coalesced(changes)
         if not wanted_all:
             events = [e for e in events if e["ref"] in wanted]
-    call.logged_args = [rpc.REDACTED_SESSION, classes, token_text, timeout]
-    call.logged_result = f"{len(events)} events, token {now}"
-    return {"events": events, "valid_ref_counts": {}, "token": str(now)}
+    answer = Encoded(
+        body=_encode(_envelope({"events": events, "valid_ref_counts": {}, "token": str(now)})),
+        result_json=rpc.to_json(f"{len(events)} events, token {now}"),
+    )
+    ep.event_answers.put(key, answer, now=now)
+    call.logged_result = answer
+    return answer
 
 
 def _event(
