@@ -104,7 +104,8 @@ class Method:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Encoded:
-    """A success envelope already encoded, kept with the cache entry it came from."""
+    """A success envelope already encoded: a task record kept with the cache entry it came
+    from, or an event.from answer shared by the waiters of one change."""
 
     body: bytes
     result_json: str
@@ -180,7 +181,12 @@ class Endpoint:
             if method.session:
                 await self._authenticate(call, params[0])
             value = await method.handler(self, call)
-            answer = value.body if isinstance(value, Encoded) else _encode(_envelope(value))
+            # An answer the standard types cannot carry is a failure like any other.
+            answer = (
+                value.body
+                if isinstance(value, Encoded)
+                else xmlrpc.encode_response(_envelope(value))
+            )
         except Exception as exc:
             ctx = call.ctx if call is not None else ctx
             failure = xenfaults.description(exc, ctx)
