@@ -70,9 +70,9 @@ class SessionRevoked(errors.Unauthenticated):
     """The session was logged out (``SESSION_INVALID [ref]``)."""
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(kw_only=True, slots=True)
 class Context:
-    """What a failure's parameters may quote from the call."""
+    """What a failure's parameters may quote from the call (filled in as the call runs)."""
 
     method: str
     """The method name, or ``""`` before one is known."""

@@ -206,7 +206,7 @@ class Endpoint:
     async def _authenticate(self, call: Call, ref: Any) -> None:
         if not isinstance(ref, str):
             raise xenfaults.FieldTypeError("session_id")
-        call.ctx = dataclasses.replace(call.ctx, session=ref)
+        call.ctx.session = ref
         if not ref.startswith(REF_PREFIX):
             raise errors.Unauthenticated("not a session reference")
         session = await self.sessions.verify(ref[len(REF_PREFIX) :])
@@ -274,7 +274,7 @@ def _task(ep: Endpoint, call: Call, value: Any, field: str = "self") -> cache.Op
     """The caller's task a ref names, or HANDLE_INVALID (never a hint that another tenant
     has it)."""
     ref = _str(value, field)
-    call.ctx = dataclasses.replace(call.ctx, cls="task", ref=ref)
+    call.ctx.cls, call.ctx.ref = "task", ref
     uid = ref[len(REF_PREFIX) :] if ref.startswith(REF_PREFIX) else ""
     entry = ep.feed.task(_who(call).tenant, uid) if _UUID.match(uid) else None
     if entry is None:
@@ -385,7 +385,7 @@ def _record_answer(entry: cache.OperationEntry) -> Encoded:
 
 async def _login(ep: Endpoint, call: Call) -> str:
     user = _str(call.args[0], "username")
-    call.ctx = dataclasses.replace(call.ctx, user=user)
+    call.ctx.user = user
     password = _str(call.args[1], "password")
     for value, field in zip(call.args[2:], ("version", "originator"), strict=False):
         _str(value, field)
@@ -426,7 +426,7 @@ def _check_derived(call: Call, kind: str) -> str:
     ref = _str(call.args[0], "self")
     uuid_, expected = _derived_ref(_who(call).tenant, kind)
     if ref != expected:
-        call.ctx = dataclasses.replace(call.ctx, cls=kind, ref=ref)
+        call.ctx.cls, call.ctx.ref = kind, ref
         raise xenfaults.HandleInvalid(kind, ref)
     return uuid_
 
@@ -487,7 +487,7 @@ async def _task_by_uuid(ep: Endpoint, call: Call) -> str:
     value = _str(call.args[0], "uuid")
     entry = ep.feed.task(_who(call).tenant, value) if _UUID.match(value) else None
     if entry is None:
-        call.ctx = dataclasses.replace(call.ctx, cls="task", ref=value)
+        call.ctx.cls, call.ctx.ref = "task", value
         raise xenfaults.HandleInvalid("task", value)
     call.logged_result = task_ref(entry)
     return task_ref(entry)
