@@ -55,8 +55,9 @@ import kubernetes
 from hypothesis import strategies as st
 
 from opkeeper import GROUP, VERSION
-from opkeeper.gateway import faults
+from opkeeper.gateway import faults, xenfaults
 from opkeeper.gateway import xmlrpc as codec
+from opkeeper.gateway.dialects import xenapi
 from tests.gateway_support import RunningGateway, make_key, other_namespace
 from tests.helpers import wait_for
 
@@ -1809,9 +1810,7 @@ def _xen_refs(gw: RunningGateway, tenant: Tenant) -> dict[str, str]:
 def _xen_derived(tenant: Tenant, kind: str) -> str:
     """The tenant's pool or host ref, derived as the gateway derives it (so the attacker
     can compute the victim's)."""
-    from opkeeper.gateway.dialects import xenapi
-
-    return xenapi._derived_ref(tenant.namespace, kind)[1]
+    return xenapi.derived_ref(tenant.namespace, kind)[1]
 
 
 def _xen_each_victim_ref(method: str, *extra: Any) -> Callable[[XenClient, World], list[Answer]]:
@@ -2205,8 +2204,6 @@ class XenApiAdapter(DialectAdapter[XenClient]):
     def check_decoder(cls, body: bytes) -> None:
         """decode_call decodes or raises a CodecError, whose failure is never
         INTERNAL_ERROR and reads back as the same code through the envelope."""
-        from opkeeper.gateway import xenfaults
-
         try:
             codec.decode_call(body)
         except codec.CodecError as exc:

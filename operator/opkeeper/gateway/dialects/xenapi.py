@@ -291,7 +291,7 @@ def task_ref(entry: cache.OperationEntry) -> str:
     return REF_PREFIX + entry.uid
 
 
-def _derived_ref(tenant: str, kind: str) -> tuple[str, str]:
+def derived_ref(tenant: str, kind: str) -> tuple[str, str]:
     """The stable uuid and ref of the tenant's one pool or host."""
     value = str(uuid.uuid5(_REF_NAMESPACE, f"{kind}:{tenant}"))
     return value, REF_PREFIX + value
@@ -419,12 +419,12 @@ async def _session_this_host(ep: Endpoint, call: Call) -> str:
     self_ref = _str(call.args[0], "self")
     if self_ref != call.ctx.session:
         raise xenfaults.HandleInvalid("session", self_ref)
-    return _derived_ref(_who(call).tenant, "host")[1]
+    return derived_ref(_who(call).tenant, "host")[1]
 
 
 def _check_derived(call: Call, kind: str) -> str:
     ref = _str(call.args[0], "self")
-    uuid_, expected = _derived_ref(_who(call).tenant, kind)
+    uuid_, expected = derived_ref(_who(call).tenant, kind)
     if ref != expected:
         call.ctx.cls, call.ctx.ref = kind, ref
         raise xenfaults.HandleInvalid(kind, ref)
@@ -432,12 +432,12 @@ def _check_derived(call: Call, kind: str) -> str:
 
 
 async def _pool_all(ep: Endpoint, call: Call) -> list[str]:
-    return [_derived_ref(_who(call).tenant, "pool")[1]]
+    return [derived_ref(_who(call).tenant, "pool")[1]]
 
 
 async def _pool_master(ep: Endpoint, call: Call) -> str:
     _check_derived(call, "pool")
-    return _derived_ref(_who(call).tenant, "host")[1]
+    return derived_ref(_who(call).tenant, "host")[1]
 
 
 async def _pool_uuid(ep: Endpoint, call: Call) -> str:
@@ -445,7 +445,7 @@ async def _pool_uuid(ep: Endpoint, call: Call) -> str:
 
 
 async def _host_all(ep: Endpoint, call: Call) -> list[str]:
-    return [_derived_ref(_who(call).tenant, "host")[1]]
+    return [derived_ref(_who(call).tenant, "host")[1]]
 
 
 async def _host_uuid(ep: Endpoint, call: Call) -> str:
