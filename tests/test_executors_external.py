@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,6 +10,8 @@ import kubernetes
 import prometheus_client
 import pytest
 
+from opkeeper import kube
+from opkeeper.controller import operations
 from tests.helpers import Ops, controller_in_thread, wait_for
 
 EXTERNAL: dict[str, Any] = {"type": "domain_delete", "executor": {"external": {}}}
@@ -55,6 +58,54 @@ def test_cancel_external(ops: Ops) -> None:
     ops.wait_state("ext-cancel", "WaitingExternal")
     ops.patch("ext-cancel", {"spec": {"cancel": True}})
     ops.wait_state("ext-cancel", "Cancelled")
+
+
+def test_a_cancel_between_the_status_write_and_the_id_label_is_not_lost(
+    cluster: Any,
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first reconcile writes the status, then the id label. A cancel that lands in
+    between comes back in the label patch's answer; when its watch event arrives after
+    that answer (a busy machine), the event is older than what the controller holds and
+    is dropped, so the controller must notice the cancel in the answer itself."""
+    patch, observe = kube.Client.patch, operations.Reconciler.observe
+    # "before" -> "holding" its events from our first status write -> "after" the label.
+    phase = {"racy": "before"}
+    held: list[tuple[operations.Reconciler, str | None, kube.Body]] = []
+
+    def late(self: operations.Reconciler, *, event_type: str | None, body: kube.Body) -> None:
+        if body["metadata"]["name"] == "racy" and phase["racy"] == "holding":
+            held.append((self, event_type, body))
+        else:
+            observe(self, event_type=event_type, body=body)
+
+    def deliver() -> None:
+        phase["racy"] = "after"
+        for reconciler, event_type, body in held:
+            observe(reconciler, event_type=event_type, body=body)
+
+    async def racing(self: kube.Client, resource: kube.Resource, **kwargs: Any) -> kube.Body:
+        if kwargs.get("name") != "racy" or phase["racy"] == "after":
+            return await patch(self, resource, **kwargs)
+        if kwargs.get("subresource") == "status":
+            phase["racy"] = "holding"
+            return await patch(self, resource, **kwargs)
+        cancel = {"spec": {"cancel": True}}
+        await patch(self, resource, namespace=namespace, name="racy", body=cancel)
+        answer = await patch(self, resource, **kwargs)
+        # Runs once the reconcile has taken the answer as what it holds.
+        asyncio.get_running_loop().call_soon(deliver)
+        return answer
+
+    monkeypatch.setattr(kube.Client, "patch", racing)
+    monkeypatch.setattr(operations.Reconciler, "observe", late)
+    with controller_in_thread(kubeconfig=cluster.kubeconfig, namespace=namespace):
+        ops = Ops(api, namespace)
+        ops.create("racy", EXTERNAL)
+        ops.wait_state("racy", "Cancelled", timeout=15)
+    assert held, "the cancel's watch event came late, as on a busy machine"
 
 
 def test_a_burst_of_reports_costs_few_controller_writes(ops: Ops) -> None:

@@ -113,6 +113,20 @@ def _owned(status: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in status.items() if k not in REPORT_FIELDS}
 
 
+def _others_wrote(*, before: kube.Body, after: kube.Body) -> bool:
+    """Whether ``after`` (the answer to our id-label patch of ``before``) holds more than
+    that label: a write of someone else's landed between the two."""
+
+    def rest(body: kube.Body) -> dict[str, Any]:
+        meta = dict(body["metadata"])
+        for volatile in ("resourceVersion", "managedFields", "labels"):
+            meta.pop(volatile, None)
+        labels = {k: v for k, v in (body["metadata"].get("labels") or {}).items() if k != ids.LABEL}
+        return {**body, "metadata": meta, "labels": labels}
+
+    return rest(before) != rest(after)
+
+
 def _reports(status: Mapping[str, Any]) -> dict[str, Any]:
     return {k: status[k] for k in REPORT_FIELDS if k in status}
 
@@ -730,16 +744,17 @@ class Reconciler:
             self._after_write(plan, body)
         assert plan.status.id is not None
         if ids.label_id(body) != plan.status.id:
+            before = body
             body = await self._client.patch(
                 kube.OPERATIONS,
                 namespace=meta["namespace"],
                 name=meta["name"],
                 body={"metadata": {"labels": {ids.LABEL: str(plan.status.id)}}},
             )
-            if (body.get("status") or {}) != ours:
-                # Someone wrote the status between our two patches. The label patch's
-                # answer carries their write, and its watch events are now stale: judge
-                # it in another reconcile instead of taking it as ours.
+            if _others_wrote(before=before, after=body):
+                # Someone wrote between our two patches (a cancel, a report). The label
+                # patch's answer carries their write, and its watch events are now stale:
+                # judge it in another reconcile instead of taking it as ours.
                 self.queue.add(uid)
         if body is not plan.body:
             self._remember(body)
