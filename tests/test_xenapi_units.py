@@ -180,3 +180,25 @@ def test_the_record_has_the_seeds_types_and_the_vocabulary_words() -> None:
         == "RUN"
     )
     codec.encode_response(xenapi._envelope(r))  # standard types only
+
+
+def test_answers_with_every_task_are_bounded() -> None:
+    ops = cache.OperationCache()
+    feed = xenevents.TaskFeed(operations=ops, settings=xenevents.Settings())
+    ops.reset([_op(f"op-{i}", id_=i, rv=i) for i in range(1, 4)])
+    none: Any = None
+    endpoint = xenapi.Endpoint(
+        svc=none,
+        sessions=none,
+        keyring=none,
+        revoked=none,
+        feed=feed,
+        settings=xenapi.Settings(max_records=3),
+    )
+    xenapi._check_records(endpoint, "t", "task.get_all_records")  # 3 tasks: within
+    endpoint.settings = xenapi.Settings(max_records=2)
+    with pytest.raises(errors.Forbidden, match=r"task\.get_record"):
+        xenapi._check_records(endpoint, "t", "task.get_all_records")
+    assert xenfaults.row_for(errors.Forbidden("x"), xenfaults.Context(method="")).code == (
+        "OPERATION_NOT_ALLOWED"
+    )

@@ -283,6 +283,7 @@ class Gateway:
             keyring=self.keyring,
             revoked=self.revocations,
             feed=self.task_feed,
+            settings=settings.xenapi,
             limits=settings.limits,
             on_log_failure=self.metrics.call_log_failures.inc,
         )

@@ -143,6 +143,10 @@ class TaskFeed:
         for id_ in self._operations.ns_ids.get(tenant, []):
             yield by_id[(tenant, id_)]
 
+    def count(self, tenant: str) -> int:
+        """How many tasks the tenant has."""
+        return len(self._operations.ns_ids.get(tenant, []))
+
     def since(self, tenant: str, token: int) -> list[Change] | None:
         """The tenant's changes after ``token``, oldest first; None when some of them are
         no longer kept (the caller then sends every current task)."""

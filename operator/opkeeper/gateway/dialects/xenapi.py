@@ -71,6 +71,12 @@ class Settings:
 
     events: xenevents.Settings = dataclasses.field(default_factory=xenevents.Settings)
     revocations: revocations.Settings = dataclasses.field(default_factory=revocations.Settings)
+    max_records: int = 10_000
+    """Most task records one answer may carry (``task.get_all_records``, an ``event.from``
+    that sends every task; default 10,000, about 10 MiB of XML): XenAPI has no paging,
+    so a tenant with more tasks is refused rather than costing seconds of CPU and
+    hundreds of MiB per call. ``task.get_all`` (refs only) and single records are
+    always served."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -147,6 +153,7 @@ class Endpoint:
         keyring: auth.KeyRing,
         revoked: revocations.Revocations,
         feed: xenevents.TaskFeed,
+        settings: Settings | None = None,
         limits: xmlrpc.Limits = xmlrpc.DEFAULT_LIMITS,
         on_log_failure: Callable[[], None] = lambda: None,
     ) -> None:
@@ -155,6 +162,7 @@ class Endpoint:
         self.keyring = keyring
         self.revoked = revoked
         self.feed = feed
+        self.settings = settings or Settings()
         self.limits = limits
         self.on_log_failure = on_log_failure
         self.event_answers = _Answers()
@@ -471,7 +479,17 @@ async def _task_all(ep: Endpoint, call: Call) -> list[str]:
     return refs
 
 
+def _check_records(ep: Endpoint, tenant: str, what: str) -> None:
+    count = ep.feed.count(tenant)
+    if count > ep.settings.max_records:
+        raise errors.Forbidden(
+            f"{what} would send all {count} tasks, more than {ep.settings.max_records};"
+            " use task.get_all with task.get_record, or event.from on task/<ref> classes"
+        )
+
+
 async def _task_all_records(ep: Endpoint, call: Call) -> dict[str, Any]:
+    _check_records(ep, _who(call).tenant, "task.get_all_records")
     records = {task_ref(e): task_record(e) for e in ep.feed.tasks(_who(call).tenant)}
     call.logged_result = f"{len(records)} records"
     return records
@@ -598,7 +616,13 @@ async def _event_from(ep: Endpoint, call: Call) -> Encoded:
     if wanted_all or wanted:
         if changes is None:
             operation: xenevents.EventOp = "mod" if token_text else "add"
-            events = [_event(e, operation, now) for e in ep.feed.tasks(tenant)]
+            tasks = ep.feed.tasks(tenant)
+            if not wanted_all:  # single refs: only those, looked up
+                found = (ep.feed.task(tenant, r.removeprefix(REF_PREFIX)) for r in wanted)
+                tasks = iter(sorted((e for e in found if e is not None), key=_id))
+            else:
+                _check_records(ep, tenant, "event.from with this token")
+            events = [_event(e, operation, now) for e in tasks]
         else:
             events = _coalesced(changes)
         if not wanted_all:
