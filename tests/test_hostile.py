@@ -19,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opkeeper.gateway import server, service
+from opkeeper.gateway import server, service, xenevents
 from opkeeper.gateway import xmlrpc as codec
+from opkeeper.gateway.dialects import xenapi
 from tests.gateway_support import RunningGateway, module_gateway
 from tests.hostile import (
     STORE_TENANT_OPERATIONS,
@@ -73,6 +74,8 @@ def gw(
         read_timeout_seconds=READ_TIMEOUT,
         # No controller runs here: a relaunch or cancel would wait out the default bound.
         service=service.Settings(write_visible_timeout_seconds=0.2),
+        # A generated event.from may carry a future token and a long timeout: bounded here.
+        xenapi=xenapi.Settings(events=xenevents.Settings(max_wait_seconds=1.0)),
     ) as running:
         yield running
 
