@@ -427,6 +427,7 @@ class Client:
         namespace: str | None = None,
         label_selector: str | None = None,
         timeout_seconds: int = 300,
+        field_selector: str | None = None,
     ) -> AsyncIterator[tuple[str, Body]]:
         """Raw watch events (type, object) from ``resource_version``, bookmarks included.
 
@@ -440,6 +441,8 @@ class Client:
         }
         if label_selector:
             params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
         path = resource.path(namespace=namespace)
         timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)
         try:
@@ -473,6 +476,7 @@ class Client:
         namespace: str | None = None,
         label_selector: str | None = None,
         retry_delay: float = 1.0,
+        field_selector: str | None = None,
     ) -> AsyncIterator[WatchEvent]:
         """List, then watch forever: a ``SYNC`` after every (re)list, then single changes.
 
@@ -482,7 +486,10 @@ class Client:
         while True:
             try:
                 listed = await self.list(
-                    resource, namespace=namespace, label_selector=label_selector
+                    resource,
+                    namespace=namespace,
+                    label_selector=label_selector,
+                    field_selector=field_selector,
                 )
             except errors.Unavailable as exc:
                 logger.warning("list of %s failed, retrying: %s", resource.plural, exc)
@@ -497,6 +504,7 @@ class Client:
                         namespace=namespace,
                         label_selector=label_selector,
                         resource_version=version,
+                        field_selector=field_selector,
                     ):
                         version = obj.get("metadata", {}).get("resourceVersion", version)
                         change = _CHANGES.get(kind)
