@@ -29,6 +29,7 @@ whole cluster, so discovery must keep answering whatever else is unwell.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -546,3 +547,84 @@ class API:
 def _crashed(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("aggregated API task %s died", task.get_name(), exc_info=task.exception())
+
+
+# --- registration ------------------------------------------------------------------------
+
+CALLER_CLUSTER_ROLE = "opkeeper-xmlrpc-caller"
+"""The ClusterRole that lets a user through kube-apiserver's own check (``create`` on
+``xmlrpc.rpc.opkeeper.dev``); what the call may then do is RBAC on opkeeper.dev."""
+
+
+def registration(
+    *,
+    namespace: str,
+    service: str,
+    service_account: str,
+    ca_bundle_pem: bytes,
+    target_port: int,
+    selector: dict[str, str] | None,
+) -> list[dict[str, Any]]:
+    """The objects that make kube-apiserver serve ``rpc.opkeeper.dev/v1alpha1`` from the
+    gateway: the APIService (``caBundle``: the CA of the serving certificate), its
+    Service (``selector`` None: endpoints are managed by hand, as in the tests), the
+    ``system:auth-delegator`` ClusterRoleBinding (SubjectAccessReviews), the
+    ``extension-apiserver-authentication-reader`` RoleBinding in kube-system (the
+    front-proxy CA) and the callers' ClusterRole. The Helm chart's
+    ``templates/aggregated-api.yaml`` renders the same objects."""
+    subject = {"kind": "ServiceAccount", "name": service_account, "namespace": namespace}
+    spec: dict[str, Any] = {"ports": [{"name": "https", "port": 443, "targetPort": target_port}]}
+    if selector is not None:
+        spec["selector"] = selector
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": service, "namespace": namespace},
+            "spec": spec,
+        },
+        {
+            "apiVersion": "apiregistration.k8s.io/v1",
+            "kind": "APIService",
+            "metadata": {"name": f"{VERSION}.{GROUP}"},
+            "spec": {
+                "group": GROUP,
+                "version": VERSION,
+                "service": {"namespace": namespace, "name": service, "port": 443},
+                "caBundle": base64.b64encode(ca_bundle_pem).decode("ascii"),
+                "groupPriorityMinimum": 1000,
+                "versionPriority": 15,
+            },
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"{service}:system:auth-delegator"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:auth-delegator",
+            },
+            "subjects": [subject],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {
+                "name": f"{service}:extension-apiserver-authentication-reader",
+                "namespace": frontproxy.CONFIGMAP_NAMESPACE,
+            },
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "extension-apiserver-authentication-reader",
+            },
+            "subjects": [subject],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": CALLER_CLUSTER_ROLE},
+            "rules": [{"apiGroups": [GROUP], "resources": [RESOURCE], "verbs": ["create"]}],
+        },
+    ]

@@ -170,6 +170,7 @@ class Dispatcher:
                 exception="" if fault is None else f"{fault.code}: {fault.message}",
                 address=call.request.address,
                 when=call.request.now,
+                user=call.identity.user_id,
             )
         except Exception:
             self.on_log_failure()
