@@ -51,8 +51,12 @@ DIRECT_PORT = 8480
 def enter_netns() -> None:
     """Bring up ``lo`` with :data:`ADDRESS`; refuses unless this is a fresh network
     namespace (no interface but ``lo``), so the host's network is never changed."""
-    links = pathlib.Path("/sys/class/net")
-    others = sorted(p.name for p in links.iterdir() if p.name != "lo")
+    # Not /sys/class/net: sysfs still shows the namespace it was mounted in.
+    listed = subprocess.run(
+        ["ip", "-o", "link", "show"], check=True, capture_output=True, text=True
+    )
+    names = [line.split(":")[1].strip() for line in listed.stdout.splitlines() if ":" in line]
+    others = sorted(n for n in names if n != "lo")
     if others:
         raise RuntimeError(f"not in a fresh network namespace (interfaces: {others})")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -215,11 +219,17 @@ def wait_until(what: str, check: Any, *, timeout: float, interval: float = 0.2) 
 
 
 @contextlib.contextmanager
-def environment(workdir: pathlib.Path, *, direct_port: int = DIRECT_PORT) -> Iterator[Environment]:
-    """A control plane (with the namespace controller), the gateway on :data:`ADDRESS`
-    with both listeners, and the aggregated API registered and Available."""
+def environment(
+    workdir: pathlib.Path,
+    *,
+    direct_port: int = DIRECT_PORT,
+    controllers: tuple[str, ...] = ("namespace-controller",),
+    gateway_args: Sequence[str] = (),
+) -> Iterator[Environment]:
+    """A control plane (with ``controllers`` of kube-controller-manager), the gateway on
+    :data:`ADDRESS` with both listeners, and the aggregated API registered and Available."""
     with localcluster.LocalCluster(
-        state_dir=workdir / "cluster", controllers=("namespace-controller",)
+        state_dir=workdir / "cluster", controllers=controllers
     ) as cluster:
         localcluster.install_crds(kubeconfig=cluster.kubeconfig)
         serving_ca = issue("opkeeper-aggregated-ca")
@@ -239,18 +249,19 @@ def environment(workdir: pathlib.Path, *, direct_port: int = DIRECT_PORT) -> Ite
         )
         env.kubectl("create", "namespace", SYSTEM_NAMESPACE, check=True)
         env.kubectl("create", "serviceaccount", SERVICE_ACCOUNT, "-n", SYSTEM_NAMESPACE, check=True)
-        env.apply(
-            aggregated.registration(
-                namespace=SYSTEM_NAMESPACE,
-                service=SERVICE,
-                service_account=SERVICE_ACCOUNT,
-                ca_bundle_pem=serving_ca.cert_pem,
-                target_port=AGGREGATED_PORT,
-                selector=None,
-            )
-            + _endpoints()
-            + _gateway_rbac()
+        registration = aggregated.registration(
+            namespace=SYSTEM_NAMESPACE,
+            service=SERVICE,
+            service_account=SERVICE_ACCOUNT,
+            ca_bundle_pem=serving_ca.cert_pem,
+            target_port=AGGREGATED_PORT,
+            selector=None,
         )
+        # The APIService last, once the gateway answers: registered earlier, the
+        # aggregator would (rightly) log that it cannot reach it yet.
+        api_service = [o for o in registration if o["kind"] == "APIService"]
+        env.apply([o for o in registration if o["kind"] != "APIService"])
+        env.apply(_endpoints() + _gateway_rbac())
         gateway_kubeconfig = _service_account_kubeconfig(env)
         log_path = workdir / "gateway.log"
         with log_path.open("wb") as log:
@@ -269,6 +280,7 @@ def environment(workdir: pathlib.Path, *, direct_port: int = DIRECT_PORT) -> Ite
                     f"--aggregated-key={key}",
                     f"--aggregated-host={ADDRESS}",
                     f"--aggregated-port={AGGREGATED_PORT}",
+                    *gateway_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -280,6 +292,7 @@ def environment(workdir: pathlib.Path, *, direct_port: int = DIRECT_PORT) -> Ite
                 lambda: _ready(env, log_path, f"http://{ADDRESS}:{direct_port}/readyz"),
                 timeout=60,
             )
+            env.apply(api_service)
             wait_until("APIService Available", lambda: _available(env), timeout=90)
             yield env
         finally:

@@ -164,7 +164,12 @@ class Credentials:
             if config.cert_file:
                 context.load_cert_chain(config.cert_file, config.key_file)
         headers: dict[str, str] = {}
-        token = config.get_api_key_with_prefix("authorization")
+        # The official client keeps a token under "BearerToken" (since v33; older ones
+        # under "authorization"): read both, or a token kubeconfig or a Pod's service
+        # account would silently call as system:anonymous.
+        token = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix(
+            "authorization"
+        )
         if token:
             headers["Authorization"] = token
         return cls(
