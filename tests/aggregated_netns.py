@@ -2,7 +2,7 @@
 
 tests/test_aggregated_api.py starts this as ``unshare -n python -m
 tests.aggregated_netns OUT.json``; it brings up the environment of
-:mod:`tests.aggregated_env` (real etcd, kube-apiserver, the namespace
+:mod:`opkeeper.netnscluster` (real etcd, kube-apiserver, the namespace
 controller, the gateway registered as an APIService) and runs every check in
 order, each recorded as ``{"ok": bool, "detail": str}`` in OUT.json, which
 the test then asserts one by one. One check failing does not stop the others.
@@ -26,10 +26,8 @@ import xmlrpc.client
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from opkeeper import localcluster
+from opkeeper import localcluster, netnscluster
 from opkeeper.gateway import aggregated
-from tests import aggregated_env
-from tests.aggregated_env import ADDRESS, AGGREGATED_PORT, Environment, issue, wait_until
 
 NS_A = "team-a"
 NS_B = "team-b"
@@ -77,7 +75,7 @@ def rbac() -> list[dict[str, Any]]:
 
 
 class Checks:
-    def __init__(self, env: Environment) -> None:
+    def __init__(self, env: netnscluster.Environment) -> None:
         self.env = env
         self.results: dict[str, dict[str, Any]] = {}
         self.opid = 0
@@ -106,11 +104,11 @@ class Checks:
         )
 
     def direct(
-        self, *, headers: dict[str, str], client: aggregated_env.Issued | None
+        self, *, headers: dict[str, str], client: netnscluster.Issued | None
     ) -> tuple[int, bytes]:
         """POST operation_list to the gateway's TLS port itself, not through the API server."""
         request = urllib.request.Request(
-            f"https://{ADDRESS}:{AGGREGATED_PORT}{CALL.format(ns=NS_A)}",
+            f"https://{netnscluster.ADDRESS}:{netnscluster.AGGREGATED_PORT}{CALL.format(ns=NS_A)}",
             data=xmlrpc.client.dumps(("",), "operation_list").encode(),
             headers={"Content-Type": "text/xml", **headers},
         )
@@ -153,7 +151,7 @@ class Checks:
         assert ours, [g["metadata"]["name"] for g in merged["items"]]
         assert ours[0]["versions"][0]["resources"][0]["resource"] == "xmlrpc", ours
         direct = urllib.request.Request(
-            f"https://{ADDRESS}:{AGGREGATED_PORT}/apis",
+            f"https://{netnscluster.ADDRESS}:{netnscluster.AGGREGATED_PORT}/apis",
             headers={"Accept": f"{aggregated.DISCOVERY_V2},{aggregated.DISCOVERY_V2BETA1}"},
         )
         with urllib.request.urlopen(direct, context=self.env.direct_context(), timeout=10) as r:
@@ -166,7 +164,9 @@ class Checks:
             spec = json.loads(self.env.kubectl("get", "--raw", "/openapi/v2").stdout or "{}")
             return aggregated.CALL_PATH in spec.get("paths", {})
 
-        wait_until("our path in the aggregated /openapi/v2", v2_has_path, timeout=90, interval=1)
+        netnscluster.wait_until(
+            "our path in the aggregated /openapi/v2", v2_has_path, timeout=90, interval=1
+        )
         root = json.loads(self.env.kubectl("get", "--raw", "/openapi/v3").stdout)
         assert f"apis/{aggregated.GROUP_VERSION}" in root["paths"], sorted(root["paths"])[:50]
         v3 = self.env.kubectl("get", "--raw", f"/openapi/v3/apis/{aggregated.GROUP_VERSION}")
@@ -273,15 +273,17 @@ class Checks:
         assert status == 401, (status, body)
         assert json.loads(body)["reason"] == "Unauthorized", body
         shown.append("no client certificate: 401")
-        proxy_ca = aggregated_env.Issued(
+        proxy_ca = netnscluster.Issued(
             cert=_load_cert(self.env.pki / "proxy-ca.crt"),
             key=_load_key(self.env.pki / "proxy-ca.key"),
         )
-        wrong_name = issue("not-the-front-proxy", by=proxy_ca, client=True)
+        wrong_name = netnscluster.issue("not-the-front-proxy", by=proxy_ca, client=True)
         status, body = self.direct(headers=forged, client=wrong_name)
         assert status == 401, (status, body)
         shown.append("front-proxy CA, CN not allowed: 401")
-        stranger = issue("front-proxy-client", by=issue("some-other-ca"), client=True)
+        stranger = netnscluster.issue(
+            "front-proxy-client", by=netnscluster.issue("some-other-ca"), client=True
+        )
         try:
             status, body = self.direct(headers=forged, client=stranger)
         except (ssl.SSLError, urllib.error.URLError, ConnectionError) as exc:
@@ -300,7 +302,7 @@ class Checks:
                     )
                 )
 
-        rows = wait_until("call log entries", logged, timeout=10)
+        rows = netnscluster.wait_until("call log entries", logged, timeout=10)
         assert ("operation_create", "bob") in rows, rows
         assert ("operation_details", "alice") in rows, rows
         return f"{rows}"
@@ -309,7 +311,7 @@ class Checks:
         self.env.kubectl("create", "namespace", NS_DELETED, check=True)
         self.env.kubectl("create", "configmap", "x", "-n", NS_DELETED, check=True)
         self.env.kubectl("delete", "namespace", NS_DELETED, "--wait=false", check=True)
-        wait_until(
+        netnscluster.wait_until(
             "the namespace to be gone",
             lambda: self.env.kubectl("get", "namespace", NS_DELETED).returncode != 0,
             timeout=90,
@@ -324,8 +326,8 @@ class Checks:
         """A new front-proxy CA and client certificate for kube-apiserver; the gateway
         picks the CA up from the ConfigMap without a restart."""
         pid = self.env.gateway.pid
-        new_ca = issue("opkeeper-front-proxy-ca-2")
-        client = issue("front-proxy-client", by=new_ca, client=True)
+        new_ca = netnscluster.issue("opkeeper-front-proxy-ca-2")
+        client = netnscluster.issue("front-proxy-client", by=new_ca, client=True)
         new_ca.write(self.env.pki / "proxy-ca")
         client.write(self.env.pki / "proxy-client")
         new_pem = new_ca.cert_pem.decode().strip()
@@ -341,14 +343,14 @@ class Checks:
             )
             return new_pem in got.stdout
 
-        wait_until("the new CA in the ConfigMap", published, timeout=120, interval=1)
-        trusted = wait_until(
+        netnscluster.wait_until("the new CA in the ConfigMap", published, timeout=120, interval=1)
+        trusted = netnscluster.wait_until(
             "the gateway to trust the new CA",
             lambda: self.direct(headers={"X-Remote-User": "bob"}, client=client)[0] == 200,
             timeout=30,
         )
         body = xmlrpc.client.dumps(("", self.opid), "operation_details")
-        wait_until(
+        netnscluster.wait_until(
             "a call through the rotated proxy certificate",
             lambda: self.raw_call("bob", NS_A, body).returncode == 0,
             timeout=120,
@@ -384,11 +386,11 @@ def _load_key(path: pathlib.Path) -> Any:
 def main() -> int:
     out = pathlib.Path(sys.argv[1])
     started = time.monotonic()
-    aggregated_env.enter_netns()
+    netnscluster.enter_netns()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="opkeeper-aggregated-") as tmp:
         try:
-            with aggregated_env.environment(pathlib.Path(tmp)) as env:
+            with netnscluster.environment(pathlib.Path(tmp)) as env:
                 for ns in (NS_A, NS_B):
                     env.kubectl("create", "namespace", ns, check=True)
                 env.apply(rbac())

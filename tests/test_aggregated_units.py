@@ -19,9 +19,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from opkeeper import errors, kube
+from opkeeper import errors, kube, netnscluster
 from opkeeper.gateway import access, aggregated, frontproxy, rpc
-from tests.aggregated_env import Issued, issue
 
 ALICE = frontproxy.User(name="alice", groups=("system:authenticated",))
 
@@ -214,7 +213,7 @@ def _headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
 def test_trust_from_the_configmap() -> None:
     assert frontproxy.trust_from({}) is None
     assert frontproxy.trust_from({"requestheader-client-ca-file": "garbage"}) is None
-    pem = issue("ca").cert_pem.decode()
+    pem = netnscluster.issue("ca").cert_pem.decode()
     trust = frontproxy.trust_from(
         {
             "requestheader-client-ca-file": pem,
@@ -263,7 +262,9 @@ def test_allowed_names() -> None:
     assert not frontproxy.name_allowed(anyone, {})
 
 
-def _tls_client(tmp_path: pathlib.Path, server_ca: Issued, client: Issued | None) -> ssl.SSLContext:
+def _tls_client(
+    tmp_path: pathlib.Path, server_ca: netnscluster.Issued, client: netnscluster.Issued | None
+) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=server_ca.cert_pem.decode())
     context.check_hostname = False
     if client is not None:
@@ -277,14 +278,16 @@ def test_a_rotated_ca_is_used_from_the_next_handshake(tmp_path: pathlib.Path) ->
 
 
 async def _a_rotated_ca_is_used_from_the_next_handshake(tmp_path: pathlib.Path) -> None:
-    server_ca = issue("serving-ca")
-    cert, key = issue("server", by=server_ca, ips=["127.0.0.1"]).write(tmp_path / "serving")
+    server_ca = netnscluster.issue("serving-ca")
+    cert, key = netnscluster.issue("server", by=server_ca, ips=["127.0.0.1"]).write(
+        tmp_path / "serving"
+    )
     store = frontproxy.TrustStore(
         serving=frontproxy.ServingCert(cert_file=str(cert), key_file=str(key))
     )
-    old_ca, new_ca = issue("old-ca"), issue("new-ca")
-    old_client = issue("front-proxy-client", by=old_ca, client=True)
-    new_client = issue("front-proxy-client", by=new_ca, client=True)
+    old_ca, new_ca = netnscluster.issue("old-ca"), netnscluster.issue("new-ca")
+    old_client = netnscluster.issue("front-proxy-client", by=old_ca, client=True)
+    new_client = netnscluster.issue("front-proxy-client", by=new_ca, client=True)
     seen: list[Any] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -294,14 +297,14 @@ async def _a_rotated_ca_is_used_from_the_next_handshake(tmp_path: pathlib.Path) 
     server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=store.listener)
     port = server.sockets[0].getsockname()[1]
 
-    async def connect(client: Issued | None) -> Any:
+    async def connect(client: netnscluster.Issued | None) -> Any:
         seen.clear()
         context = _tls_client(tmp_path, server_ca, client)
         _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
         await writer.wait_closed()
         return seen[0] if seen else None
 
-    async def refused(client: Issued) -> bool:
+    async def refused(client: netnscluster.Issued) -> bool:
         try:
             await connect(client)
         except (ssl.SSLError, ConnectionError):
@@ -322,12 +325,14 @@ async def _a_rotated_ca_is_used_from_the_next_handshake(tmp_path: pathlib.Path) 
 
 
 def test_the_store_follows_the_configmap(tmp_path: pathlib.Path) -> None:
-    server_ca = issue("serving-ca")
-    cert, key = issue("server", by=server_ca, ips=["127.0.0.1"]).write(tmp_path / "serving")
+    server_ca = netnscluster.issue("serving-ca")
+    cert, key = netnscluster.issue("server", by=server_ca, ips=["127.0.0.1"]).write(
+        tmp_path / "serving"
+    )
     store = frontproxy.TrustStore(
         serving=frontproxy.ServingCert(cert_file=str(cert), key_file=str(key))
     )
-    pem = issue("ca").cert_pem.decode()
+    pem = netnscluster.issue("ca").cert_pem.decode()
     configmap = {
         "metadata": {"name": frontproxy.CONFIGMAP_NAME},
         "data": {"requestheader-client-ca-file": pem},
@@ -365,8 +370,10 @@ class _NoKube:
 
 @contextlib.asynccontextmanager
 async def serving(tmp_path: pathlib.Path) -> AsyncIterator[dict[str, Any]]:
-    server_ca = issue("serving-ca")
-    cert, key = issue("server", by=server_ca, ips=["127.0.0.1"]).write(tmp_path / "serving")
+    server_ca = netnscluster.issue("serving-ca")
+    cert, key = netnscluster.issue("server", by=server_ca, ips=["127.0.0.1"]).write(
+        tmp_path / "serving"
+    )
     dispatcher = rpc.Dispatcher(
         svc=None,  # type: ignore[arg-type]  # no call reaches the service here
         sessions=None,  # type: ignore[arg-type]
@@ -385,7 +392,7 @@ async def serving(tmp_path: pathlib.Path) -> AsyncIterator[dict[str, Any]]:
         record=lambda **_: None,
         ready=lambda: False,  # the rest is unhealthy: discovery still answers
     )
-    proxy_ca = issue("front-proxy-ca")
+    proxy_ca = netnscluster.issue("front-proxy-ca")
     api.trust.set(
         frontproxy.Trust(
             ca_pem=proxy_ca.cert_pem.decode(), allowed_names=frozenset({"front-proxy-client"})
@@ -419,7 +426,7 @@ async def _request(
     method: str,
     path: str,
     *,
-    client: Issued | None = None,
+    client: netnscluster.Issued | None = None,
     headers: dict[str, str] | None = None,
     body: bytes | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
@@ -474,12 +481,12 @@ async def _calls_are_401_unless_a_front_proxy_sends_them(api_server: dict[str, A
     status, _, body = await _request(api_server, "POST", path, headers=forged, body=b"<x/>")
     assert status == 401
     assert json.loads(body)["reason"] == "Unauthorized"
-    wrong_name = issue("someone", by=api_server["proxy_ca"], client=True)
+    wrong_name = netnscluster.issue("someone", by=api_server["proxy_ca"], client=True)
     status, _, _ = await _request(
         api_server, "POST", path, client=wrong_name, headers=forged, body=b"<x/>"
     )
     assert status == 401
-    proxy = issue("front-proxy-client", by=api_server["proxy_ca"], client=True)
+    proxy = netnscluster.issue("front-proxy-client", by=api_server["proxy_ca"], client=True)
     status, _, _ = await _request(api_server, "POST", path, client=proxy, body=b"<x/>")
     assert status == 401  # a front proxy that names no user
 
@@ -489,7 +496,7 @@ def test_forbidden_is_a_kubernetes_status(tmp_path: pathlib.Path) -> None:
 
 
 async def _forbidden_is_a_kubernetes_status(api_server: dict[str, Any]) -> None:
-    proxy = issue("front-proxy-client", by=api_server["proxy_ca"], client=True)
+    proxy = netnscluster.issue("front-proxy-client", by=api_server["proxy_ca"], client=True)
     call = (
         b"<?xml version='1.0'?><methodCall><methodName>operation_create</methodName>"
         b"<params><param><value><string></string></value></param>"

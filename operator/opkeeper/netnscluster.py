@@ -7,7 +7,8 @@ added to the ``lo`` of a network namespace of its own. :func:`enter_netns`
 only checks that the caller already is in a fresh one (``unshare -n``) and
 sets it up; nothing here ever touches the host's network.
 
-Used by tests/aggregated_netns.py (the checks) and bench/bench_aggregated.py.
+Used by tests/aggregated_netns.py (the checks) and bench/bench_aggregated.py; it
+needs the dev extra (cryptography) and is never imported by the operator or gateway.
 """
 
 from __future__ import annotations
