@@ -137,11 +137,14 @@ def user_from(trust: Trust, headers: CIMultiDictProxy[str]) -> User | None:
         return None
     groups = tuple(v for h in trust.group_headers for v in headers.getall(h, []) if v)
     extra: dict[str, list[str]] = {}
+    prefixes = tuple(p.lower() for p in trust.extra_prefixes)
     for header, value in headers.items():
-        for prefix in trust.extra_prefixes:
-            if len(header) > len(prefix) and header.lower().startswith(prefix.lower()):
-                key = urllib.parse.unquote(header[len(prefix) :].lower())
-                extra.setdefault(key, []).append(value)
+        lower = header.lower()
+        if not lower.startswith(prefixes):  # one C call per header: this runs per request
+            continue
+        for prefix in prefixes:
+            if len(lower) > len(prefix) and lower.startswith(prefix):
+                extra.setdefault(urllib.parse.unquote(lower[len(prefix) :]), []).append(value)
     return User(
         name=name,
         groups=groups,
