@@ -37,7 +37,7 @@ from typing import Any
 
 import bench_gateway  # bench/bench_gateway.py: the client and result types
 import common  # bench/common.py: the script's directory is on sys.path
-from opkeeper import netnscluster
+from opkeeper import localcluster, netnscluster
 from opkeeper.gateway import aggregated, auth
 
 IN_NETNS = "OPKEEPER_BENCH_IN_NETNS"
@@ -294,7 +294,7 @@ def main() -> int:
         "machine": {
             "cpu": common.cpu_model(),
             "cpus": os.cpu_count(),
-            "kube_apiserver": netnscluster.localcluster.KUBE_VERSION,
+            "kube_apiserver": localcluster.KUBE_VERSION,
         },
         "run": run,
     }
