@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import pathlib
 import ssl
+import xmlrpc.client as xmlrpc_client
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -20,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from opkeeper import errors, kube, netnscluster
-from opkeeper.gateway import access, aggregated, frontproxy, rpc
+from opkeeper.gateway import access, aggregated, auth, frontproxy, server, xmlrpc
 
 ALICE = frontproxy.User(name="alice", groups=("system:authenticated",))
 
@@ -370,28 +372,24 @@ class _NoKube:
 
 @contextlib.asynccontextmanager
 async def serving(tmp_path: pathlib.Path) -> AsyncIterator[dict[str, Any]]:
+    """The aggregated listener as server.Gateway wires it (its body reader and limits),
+    with a fake reviewer and no API server: nothing here may reach one."""
     server_ca = netnscluster.issue("serving-ca")
     cert, key = netnscluster.issue("server", by=server_ca, ips=["127.0.0.1"]).write(
         tmp_path / "serving"
     )
-    dispatcher = rpc.Dispatcher(
-        svc=None,  # type: ignore[arg-type]  # no call reaches the service here
-        sessions=None,  # type: ignore[arg-type]
-        keyring=None,  # type: ignore[arg-type]
-        methods={},
-    )
-
-    async def read_body(request: web.Request) -> bytes:
-        return await request.read()
-
-    api = aggregated.API(
-        settings=aggregated.Settings(cert_file=str(cert), key_file=str(key), port=0),
-        dispatcher=dispatcher,
+    limits = dataclasses.replace(xmlrpc.DEFAULT_LIMITS, max_body_bytes=4096)
+    gateway = server.Gateway(
+        settings=server.Settings(
+            limits=limits,
+            aggregated=aggregated.Settings(cert_file=str(cert), key_file=str(key), port=0),
+        ),
         kube_client=_NoKube(),  # type: ignore[arg-type]
-        read_body=read_body,
-        record=lambda **_: None,
-        ready=lambda: False,  # the rest is unhealthy: discovery still answers
+        call_log=_NoKube(),  # type: ignore[arg-type]
+        session_key=auth.FixedKey(value=b"k" * 32),
     )
+    api = gateway.aggregated
+    assert api is not None
     proxy_ca = netnscluster.issue("front-proxy-ca")
     api.trust.set(
         frontproxy.Trust(
@@ -400,7 +398,7 @@ async def serving(tmp_path: pathlib.Path) -> AsyncIterator[dict[str, Any]]:
     )
     reviews = FakeReviews({("alice", "get", "team-a")})
     api.authorizer = access.Authorizer(reviews=reviews, settings=access.Settings())
-    runner = web.AppRunner(api.app(client_max_size=1 << 20))
+    runner = web.AppRunner(api.app(client_max_size=limits.max_body_bytes + 1))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=api.trust.listener)
     await site.start()
@@ -465,7 +463,7 @@ async def _discovery_openapi_and_health_answer_anyone(api_server: dict[str, Any]
         status, _, body = await _request(api_server, "GET", path)
         assert status == 200, path
         assert json.loads(body), path
-    assert (await _request(api_server, "GET", "/healthz"))[0] == 200
+    assert (await _request(api_server, "GET", "/healthz"))[0] == 200  # no feed started
     status, _, body = await _request(api_server, "GET", "/readyz")
     assert status == 503
     assert b"caches" in body
@@ -537,3 +535,29 @@ def test_registration_objects() -> None:
     assert kinds["ClusterRoleBinding"]["roleRef"]["name"] == "system:auth-delegator"
     assert kinds["RoleBinding"]["metadata"]["namespace"] == "kube-system"
     assert kinds["Service"]["spec"]["selector"] == {"app": "gw"}
+
+
+def test_hostile_bodies_get_the_gateways_faults(tmp_path: pathlib.Path) -> None:
+    _with_server(tmp_path, _hostile_bodies_get_the_gateways_faults)
+
+
+async def _hostile_bodies_get_the_gateways_faults(api_server: dict[str, Any]) -> None:
+    """The aggregated path reads bodies with the gateway's own bounded reader and
+    decodes them with the same codec: the same faults, before any review is asked."""
+    proxy = netnscluster.issue("front-proxy-client", by=api_server["proxy_ca"], client=True)
+    path = "/apis/rpc.opkeeper.dev/v1alpha1/namespaces/team-a/xmlrpc"
+    cases = {
+        b"<methodCall><methodName>x": -32700,
+        b'<!DOCTYPE x [<!ENTITY a "aaaa">]><methodCall><methodName>&a;</methodName>'
+        b"</methodCall>": -32701,
+        b"<methodCall><methodName>" + b"x" * 5000 + b"</methodName></methodCall>": -32702,
+        b"<methodCall><methodName>VM.destroy</methodName><params/></methodCall>": -32601,
+    }
+    for body, code in cases.items():
+        status, _, answer = await _request(
+            api_server, "POST", path, client=proxy, headers={"X-Remote-User": "alice"}, body=body
+        )
+        assert status == 200, body[:40]
+        with pytest.raises(xmlrpc_client.Fault) as caught:
+            xmlrpc_client.loads(answer)
+        assert caught.value.faultCode == code, (body[:40], caught.value)

@@ -487,7 +487,12 @@ class API:
         started = time.perf_counter()
         user = self._caller(request)
         if user is None:
-            self._record(dialect="none", method="unknown", outcome="Unauthorized", seconds=0.0)
+            self._record(
+                dialect="none",
+                method="unknown",
+                outcome="Unauthorized",
+                seconds=time.perf_counter() - started,
+            )
             return status(
                 401,
                 "Unauthorized",
@@ -500,7 +505,12 @@ class API:
         body = await self._read_body(request)
         if isinstance(body, Exception):
             fault, encoded = faults.XMLRPC.encode(body)
-            self._record(dialect="none", method="unknown", outcome=fault.name, seconds=0.0)
+            self._record(
+                dialect="none",
+                method="unknown",
+                outcome=fault.name,
+                seconds=time.perf_counter() - started,
+            )
             response = web.Response(body=encoded, content_type=XML, charset="utf-8")
             response.force_close()  # the rest of an oversized body was never read
             return response
@@ -530,7 +540,12 @@ class API:
                 admit=admit,
             )
         except access.Denied as exc:
-            self._record(dialect="none", method="unknown", outcome="Forbidden", seconds=0.0)
+            self._record(
+                dialect="none",
+                method="unknown",
+                outcome="Forbidden",
+                seconds=time.perf_counter() - started,
+            )
             return status(403, "Forbidden", str(exc))
         except errors.Unavailable as exc:
             log.warning("authorization unavailable: %s", exc)
