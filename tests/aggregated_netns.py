@@ -322,6 +322,42 @@ class Checks:
         assert "True" in still.stdout, still.stdout
         return f"{NS_DELETED} deleted while the APIService is registered:\n{still.stdout}"
 
+    def deletion_blocked_while_unavailable(self) -> str:
+        """The failure mode docs/aggregated-api.md warns about, and the way out: with no
+        endpoint the APIService is unavailable, the namespace controller cannot discover
+        every API and a namespace deletion stalls; once it is back the deletion ends."""
+        self.env.kubectl(
+            "delete", "endpointslice", f"{netnscluster.SERVICE}-manual",
+            "-n", netnscluster.SYSTEM_NAMESPACE, check=True,
+        )  # fmt: skip
+        netnscluster.wait_until(
+            "the APIService unavailable", lambda: not netnscluster.available(self.env), timeout=60
+        )
+        name = f"{NS_DELETED}-2"
+        self.env.kubectl("create", "namespace", name, check=True)
+        self.env.kubectl("delete", "namespace", name, "--wait=false", check=True)
+
+        def stalled() -> str:
+            found = json.loads(self.env.kubectl("get", "namespace", name, "-o=json").stdout)
+            for condition in found.get("status", {}).get("conditions", []):
+                if condition["type"] == "NamespaceDeletionDiscoveryFailure":
+                    return str(condition["message"]) if condition["status"] == "True" else ""
+            return ""
+
+        message = netnscluster.wait_until("the deletion to stall", stalled, timeout=60)
+        assert "rpc.opkeeper.dev/v1alpha1" in message, message
+        self.env.apply(netnscluster.endpoints())
+        netnscluster.wait_until(
+            "the APIService available", lambda: netnscluster.available(self.env), timeout=60
+        )
+        netnscluster.wait_until(
+            "the namespace to be gone",
+            lambda: self.env.kubectl("get", "namespace", name).returncode != 0,
+            timeout=90,
+            interval=0.5,
+        )
+        return f"stalled ({message}), then deleted once the APIService was available again"
+
     def ca_rotation(self) -> str:
         """A new front-proxy CA and client certificate for kube-apiserver; the gateway
         picks the CA up from the ConfigMap without a restart."""
@@ -406,6 +442,7 @@ def main() -> int:
                     "direct_connections_refused",
                     "call_log_user",
                     "namespace_deletion",
+                    "deletion_blocked_while_unavailable",
                     "ca_rotation",
                 ):
                     checks.run(name, getattr(checks, name))

@@ -33,6 +33,7 @@ CHECKS = (
     "direct_connections_refused",
     "call_log_user",
     "namespace_deletion",
+    "deletion_blocked_while_unavailable",
     "ca_rotation",
 )
 TIMEOUT_SECONDS = 600

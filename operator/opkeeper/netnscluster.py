@@ -262,7 +262,7 @@ def environment(
         # aggregator would (rightly) log that it cannot reach it yet.
         api_service = [o for o in registration if o["kind"] == "APIService"]
         env.apply([o for o in registration if o["kind"] != "APIService"])
-        env.apply(_endpoints() + _gateway_rbac())
+        env.apply(endpoints() + _gateway_rbac())
         gateway_kubeconfig = _service_account_kubeconfig(env)
         log_path = workdir / "gateway.log"
         with log_path.open("wb") as log:
@@ -294,7 +294,7 @@ def environment(
                 timeout=60,
             )
             env.apply(api_service)
-            wait_until("APIService Available", lambda: _available(env), timeout=90)
+            wait_until("APIService Available", lambda: available(env), timeout=90)
             yield env
         finally:
             env.gateway.send_signal(signal.SIGTERM)
@@ -312,7 +312,7 @@ def _ready(env: Environment, log_path: pathlib.Path, url: str) -> bool:
         return bool(reply.status == 200)
 
 
-def _available(env: Environment) -> bool:
+def available(env: Environment) -> bool:
     found = env.kubectl("get", "apiservice", f"{aggregated.VERSION}.{aggregated.GROUP}", "-o=json")
     if found.returncode != 0:
         return False
@@ -320,7 +320,7 @@ def _available(env: Environment) -> bool:
     return any(c["type"] == "Available" and c["status"] == "True" for c in conditions)
 
 
-def _endpoints() -> list[dict[str, Any]]:
+def endpoints() -> list[dict[str, Any]]:
     """The Service's endpoint, by hand (no Pods, no endpoint controllers here)."""
     return [
         {
