@@ -73,9 +73,9 @@ class Settings:
     must name ``<service>.<namespace>.svc``, the name kube-apiserver checks."""
     key_file: str
     """The serving certificate's private key (PEM)."""
-    host: str = "0.0.0.0"
-    """Listen address (default every address: the API server reaches it over the Pod
-    network)."""
+    host: str = "127.0.0.1"
+    """Listen address (default loopback, like the gateway's own listener; a Pod passes
+    its own address, which the API server reaches over the Pod network)."""
     port: int = 8443
     """TLS port (default 8443); the Service's targetPort."""
     access: access.Settings = dataclasses.field(default_factory=access.Settings)
