@@ -32,9 +32,12 @@ binaries: install
 # The legacy clients tests/test_read_your_writes.py drives as they are used in the field:
 # Perl's XMLRPC::Lite and PHP's xmlrpc extension, from Debian's packages (apt-get as root,
 # through sudo otherwise). The package lists are refreshed only when an install fails.
-CLIENT_PACKAGES := libxmlrpc-lite-perl php-cli php-xmlrpc
+# The BDOM tests (tests/test_bdom.py) drive the gateway with curl and read answers with
+# xmllint, as BDOM's shell clients do.
+CLIENT_PACKAGES := libxmlrpc-lite-perl php-cli php-xmlrpc curl libxml2-utils
+CLIENT_CHECK := command -v curl >/dev/null && command -v xmllint >/dev/null
 clients:
-	@if perl -MXMLRPC::Lite -e1 2>/dev/null && php -m 2>/dev/null | grep -qix xmlrpc; then \
+	@if perl -MXMLRPC::Lite -e1 2>/dev/null && php -m 2>/dev/null | grep -qix xmlrpc && $(CLIENT_CHECK); then \
 	  exit 0; \
 	fi; \
 	if ! command -v apt-get >/dev/null; then \
@@ -45,7 +48,7 @@ clients:
 	sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	install="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(CLIENT_PACKAGES)"; \
 	$$install || { $$sudo apt-get update && $$install; } || exit 1; \
-	perl -MXMLRPC::Lite -e1 && php -m | grep -qix xmlrpc || { \
+	perl -MXMLRPC::Lite -e1 && php -m | grep -qix xmlrpc && $(CLIENT_CHECK) || { \
 	  echo "make clients: $(CLIENT_PACKAGES) installed, but XMLRPC::Lite or PHP's xmlrpc" \
 	    "extension still does not load" >&2; \
 	  exit 1; \

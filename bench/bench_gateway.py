@@ -1,5 +1,7 @@
 """Gateway benchmark: Gandi operation_details and gocept query throughput (each also as a
-fraction of the HTTP-only ceiling measured in the same run), operation_list p99, peak RSS.
+fraction of the HTTP-only ceiling measured in the same run), operation_list p99, peak RSS;
+BDOM's single-task status rate and filtered-list p99 against Gandi's details and list.
+CloudStack queryAsyncJobResult (signed, JSON and XML) against the Gandi details rate.
 
 The gateway runs in its own process (as in production) with N Operations in
 its cache; a load generator in this process drives it over loopback HTTP with
@@ -59,6 +61,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import urllib.parse
 import xmlrpc.client
 from typing import Any
 
@@ -67,11 +70,14 @@ import aiohttp
 import common  # bench/common.py: the script's directory is on sys.path
 from opkeeper import kube
 from opkeeper.gateway import auth, server
+from opkeeper.gateway.dialects import cloudstack
 
 NAMESPACE = "bench"
 KEY = "opk_bench-key-not-secret"
 SESSION_KEY = auth.FixedKey(value=b"bench-session-key-not-secret-32b")
 """Shared by every worker, as the session key Secret is in a cluster."""
+CLOUDSTACK_KEY = auth.FixedKey(value=b"bench-cloudstack-master-not-secret")
+"""The CloudStack master key, shared by every worker as its Secret is in a cluster."""
 TYPES = ["domain_create", "domain_renew", "domain_transfer", "vm_deploy", "dns_update"]
 STATES = [
     "Pending",
@@ -160,6 +166,7 @@ async def _gateway_main(
             kube_client=client,
             session_key=SESSION_KEY,
             feeds=kubeconfig is not None,
+            cloudstack_key=CLOUDSTACK_KEY,
         ) as (gateway, port),
     ):
         started = time.perf_counter()
@@ -329,11 +336,15 @@ async def load(
     duration: float,
     concurrency: int,
     authorization: str | None = None,
+    prepared: list[bytes] | None = None,
 ) -> Result:
     """``concurrency`` connections, each sending a random body of ``bodies`` as soon as
     the previous answer is in, until ``duration`` seconds have passed. Every answer
-    must be HTTP 200 without a ``<fault>``; the CPU this process used is reported."""
-    requests = [http_post("127.0.0.1", port, body, authorization=authorization) for body in bodies]
+    must be HTTP 200 without a ``<fault>``; the CPU this process used is reported.
+    ``prepared`` are complete requests to send instead (BDOM's GETs)."""
+    requests = prepared or [
+        http_post("127.0.0.1", port, body, authorization=authorization) for body in bodies
+    ]
     latencies: list[float] = []
     faults = 0
     loop = asyncio.get_running_loop()
@@ -371,6 +382,32 @@ async def load(
     )
 
 
+def http_get(host: str, port: int, path: str, *, authorization: str) -> bytes:
+    """A complete HTTP/1.1 GET (BDOM's reads), built once and reused."""
+    head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: {authorization}\r\n\r\n"
+    return head.encode("ascii")
+
+
+BDOM_WORDS = ["SUCCESS", "PENDING_INT", "PENDING_EXT", "FAILED_INT", "FAILED_EXT"]
+
+
+def bdom_list_paths(size: int) -> list[str]:
+    """BDOM status lists with every filter, alone and combined (the newest 1,000 matches
+    of a broad filter, a single task for a domain, a domain in a state)."""
+    paths = ["/bdom/task/status/-/-/-/-/bench/", "/bdom/task/status/-/-/domain/-/bench/"]
+    for i in range(40):
+        rnd = random.Random(i)
+        name = f"example-{rnd.randrange(1, size + 1)}.org"
+        word = rnd.choice(BDOM_WORDS)
+        paths += [
+            f"/bdom/task/status/-/{word}/-/-/bench/",
+            f"/bdom/task/status/-/-/domain/{name}/bench/",
+            f"/bdom/task/status/-/{word}/domain/{name}/bench/",
+            f"/bdom/task/status/-/{word}/domain/-/bench/",
+        ]
+    return paths
+
+
 def list_bodies(session: str) -> list[bytes]:
     """operation_list calls with every filter Gandi offers, alone and combined."""
     filters: list[dict[str, Any]] = [{}]
@@ -389,6 +426,30 @@ def list_bodies(session: str) -> list[bytes]:
             {"state": "ERROR", "type": rnd.choice(TYPES)},
         ]
     return [xmlrpc.client.dumps((session, f), "operation_list").encode() for f in filters]
+
+
+def cloudstack_requests(port: int, size: int, *, as_json: bool) -> list[bytes]:
+    """Signed ``queryAsyncJobResult`` GETs (signatureVersion 3, as ``cs`` sends them) for
+    random job ids, built once: the gateway checks each signature on every call."""
+    key_hash = auth.hash_key(KEY)
+    secret = cloudstack.secret_key(master=CLOUDSTACK_KEY.value, key_hash=key_hash)
+    rnd = random.Random(7)
+    out = []
+    for _ in range(2000):
+        params = {
+            "command": "queryAsyncJobResult",
+            "jobid": str(rnd.randrange(1, size + 1)),
+            "apiKey": cloudstack.api_key(key_hash),
+            "signatureVersion": "3",
+            "expires": "2999-01-01T00:00:00+0000",
+            **({"response": "json"} if as_json else {}),
+        }
+        signature = cloudstack.sign(list(params.items()), secret=secret)
+        query = urllib.parse.urlencode({**params, "signature": signature})
+        out.append(
+            f"GET /client/api?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode("ascii")
+        )
+    return out
 
 
 class Gateways:
@@ -487,6 +548,43 @@ async def bench_size(
         )
         list_cpu_us = (await gateways.cpu() - cpu_before) / list_result.requests * 1e6
         list_serial = await load(port, list_bodies(session), duration=duration / 2, concurrency=1)
+        # BDOM: single-task status (as Gandi details) and filtered lists (as operation_list).
+        statuses = [
+            http_get(
+                "127.0.0.1",
+                port,
+                f"/bdom/task/status/{rnd.randrange(1, size + 1)}/-/-/-/bench/",
+                authorization=basic,
+            )
+            for _ in range(2000)
+        ]
+        cpu_before = await gateways.cpu()
+        bdom_status = await load(
+            port, [], duration=duration, concurrency=concurrency, prepared=statuses
+        )
+        bdom_status_cpu_us = (await gateways.cpu() - cpu_before) / bdom_status.requests * 1e6
+        bdom_lists = [
+            http_get("127.0.0.1", port, path, authorization=basic) for path in bdom_list_paths(size)
+        ]
+        cpu_before = await gateways.cpu()
+        bdom_list = await load(
+            port, [], duration=duration, concurrency=list_concurrency, prepared=bdom_lists
+        )
+        bdom_list_cpu_us = (await gateways.cpu() - cpu_before) / bdom_list.requests * 1e6
+        # CloudStack's poll: queryAsyncJobResult, signature checked on every call.
+        cloudstack_runs: dict[str, dict[str, Any]] = {}
+        for form in ("json", "xml"):
+            signed = cloudstack_requests(port, size, as_json=form == "json")
+            cpu_before = await gateways.cpu()
+            polled = await load(
+                port, [], duration=duration, concurrency=concurrency, prepared=signed
+            )
+            cpu_us = (await gateways.cpu() - cpu_before) / polled.requests * 1e6
+            cloudstack_runs[form] = {
+                **polled.summary(),
+                "gateway_cpu_us_per_call": round(cpu_us),
+                "of_gandi_details": round(polled.rate / details_result.rate, 3),
+            }
         rss = await gateways.stop()
     return {
         "operations": size,
@@ -507,8 +605,21 @@ async def bench_size(
             "gandi_details": round(details_result.rate / http_only["req_per_s"], 3),
             "gocept_query": round(query_result.rate / http_only["req_per_s"], 3),
         },
+        "cloudstack_query": cloudstack_runs,
         "list": {**list_result.summary(), "gateway_cpu_us_per_call": round(list_cpu_us)},
         "list_one_client": list_serial.summary(),
+        "bdom_status": {
+            **bdom_status.summary(),
+            "gateway_cpu_us_per_call": round(bdom_status_cpu_us),
+        },
+        "bdom_list": {**bdom_list.summary(), "gateway_cpu_us_per_call": round(bdom_list_cpu_us)},
+        # Targets: at least Gandi's details rate and no worse than its list p99, same run.
+        "bdom_vs_gandi": {
+            "status_rate": round(bdom_status.rate / details_result.rate, 3),
+            "list_p99": round(
+                bdom_list.summary()["p99_ms"] / max(list_result.summary()["p99_ms"], 1e-3), 3
+            ),
+        },
         "peak_rss_mib": round(rss / 2**20, 1),
         "http_only": http_only,
     }
@@ -587,6 +698,29 @@ def table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def bdom_table(report: dict[str, Any]) -> list[str]:
+    """BDOM's reads against Gandi's of the same run (empty for runs before BDOM)."""
+    runs = [r for r in report["runs"] if "bdom_status" in r]
+    if not runs:
+        return []
+    lines = [
+        "| operations | BDOM status req/s (p99 ms) | Gandi details req/s | status / details"
+        " | BDOM list req/s (p99 ms) | Gandi list p99 ms | list p99 BDOM / Gandi"
+        " | gateway CPU µs per BDOM status / list call |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        s, li, ratio = r["bdom_status"], r["bdom_list"], r["bdom_vs_gandi"]
+        lines.append(
+            f"| {r['operations']:,} | {s['req_per_s']:,} ({s['p99_ms']})"
+            f" | {r['details']['req_per_s']:,} | {ratio['status_rate']:.2f}"
+            f" | {li['req_per_s']:,} ({li['p99_ms']}) | {r['list']['p99_ms']}"
+            f" | {ratio['list_p99']:.2f}"
+            f" | {s['gateway_cpu_us_per_call']} / {li['gateway_cpu_us_per_call']} |"
+        )
+    return [*lines, ""]
+
+
 def _query_column(run: dict[str, Any]) -> str:
     query = run.get("gocept_query")
     if query is None:
@@ -599,6 +733,28 @@ def _ratio_column(run: dict[str, Any]) -> str:
     if ratios is None:  # earlier runs: derived from the same run's figures
         return f"{run['details']['req_per_s'] / run['http_only']['req_per_s']:.2f} / -"
     return f"{ratios['gandi_details']:.2f} / {ratios['gocept_query']:.2f}"
+
+
+def cloudstack_table(report: dict[str, Any]) -> list[str]:
+    """CloudStack queryAsyncJobResult of each run (runs before it have none)."""
+    runs = [r for r in report["runs"] if "cloudstack_query" in r]
+    if not runs:
+        return []
+    lines = [
+        "CloudStack `queryAsyncJobResult` (signed GETs, `signatureVersion=3`, the signature"
+        " checked on every call; same clients as details):",
+        "",
+        "| operations | answer | req/s | p50 ms | p99 ms | gateway CPU µs per call"
+        " | of Gandi details req/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        for form, q in r["cloudstack_query"].items():
+            lines.append(
+                f"| {r['operations']:,} | {form.upper()} | {q['req_per_s']:,} | {q['p50_ms']}"
+                f" | {q['p99_ms']} | {q['gateway_cpu_us_per_call']} | {q['of_gandi_details']:.2f} |"
+            )
+    return [*lines, ""]
 
 
 def heading(report: dict[str, Any]) -> str:
@@ -623,6 +779,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *table(report),
         "",
+        *bdom_table(report),
+        *cloudstack_table(report),
         *report["notes"],
     ]
     if report.get("history"):

@@ -45,7 +45,9 @@ import re
 import select
 import socket
 import sqlite3
+import urllib.parse
 import uuid
+import xml.etree.ElementTree as ET
 import xml.parsers.expat
 import xmlrpc.client
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +59,7 @@ from hypothesis import strategies as st
 from opkeeper import GROUP, VERSION
 from opkeeper.gateway import faults
 from opkeeper.gateway import xmlrpc as codec
+from opkeeper.gateway.dialects import bdom
 from tests.gateway_support import RunningGateway, make_key, other_namespace
 from tests.helpers import wait_for
 
@@ -1702,3 +1705,475 @@ class GoceptAdapter(XmlRpcAdapter[GoceptClient]):
             ("apply", ([_task("fuzz-task")],)),
             ("apply", ([_op("shared-wait", cancel=True)],)),
         ]
+
+
+# --- BDOM REST -------------------------------------------------------------------------------
+
+_BDOM_CLASSES: Mapping[str, ErrorClass] = {
+    "body_too_large": "too_large",
+    "forbidden_xml": "limit",
+    "limit_exceeded": "limit",
+    "malformed_xml": "bad_argument",
+    "invalid_request": "bad_argument",
+    "invalid_body": "bad_argument",
+    "invalid_name": "bad_argument",
+    "invalid_argument": "bad_argument",
+    "method_not_allowed": "bad_argument",
+    "unauthenticated": "unauthenticated",
+    "forbidden": "forbidden",
+    "unknown_opcode": "unknown_method",
+    "not_found": "not_found",
+    "conflict": "state",
+    "illegal_transition": "state",
+}
+"""The BDOM error names (docs/faults.md, "BDOM") -> class; anything else is the server's."""
+_FAR_ID = 2_000_000_000
+"""A task id far above any the tests allocate (the fuzz mutates ids; it must not reach one
+of the attacker's own)."""
+
+
+def classify_bdom(reply: RawReply) -> Answer:
+    """BDOM answers with the HTTP status and an XML body: ``<response>`` or
+    ``<multiresponse>`` for 200, ``<error>`` with a matching ``code`` otherwise."""
+    if reply.error is not None:
+        return Answer(outcome="broken", text=f"connection: {reply.error}")
+    if not reply.headers.get("content-type", "").startswith("text/xml"):
+        return Answer(
+            outcome="broken",
+            code=f"HTTP {reply.status}",
+            text=f"content type {reply.headers.get('content-type')}: {_short(reply.body)}",
+        )
+    try:
+        root = ET.fromstring(reply.body)
+    except ET.ParseError as exc:
+        return Answer(outcome="broken", text=f"not XML: {exc!r}")
+    if reply.status == 200:
+        if root.tag == "response" and len(root) == 0:
+            return Answer(outcome="ok", value=root.text or "")
+        items = [root] if root.tag == "response" else list(root)
+        if root.tag not in ("response", "multiresponse"):
+            return Answer(outcome="broken", text=f"200 with <{root.tag}>")
+        return Answer(outcome="ok", value=[{c.tag: c.text or "" for c in item} for item in items])
+    name, code = root.findtext("name") or "", root.findtext("code") or ""
+    if root.tag != "error" or code != str(reply.status):
+        return Answer(outcome="broken", text=f"HTTP {reply.status}: {_short(reply.body)}")
+    error = _BDOM_CLASSES.get(name, "server") if reply.status < 500 else "server"
+    return Answer(
+        outcome="error", error=error, code=f"{reply.status} {name}", text=root.findtext("message")
+    )
+
+
+@dataclasses.dataclass(kw_only=True)
+class BdomClient:
+    port: int
+    user_id: str
+    key: str
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> Answer:
+        headers = {
+            "Authorization": "Basic "
+            + base64.b64encode(f"{self.user_id}:{self.key}".encode()).decode("ascii")
+        }
+        if body is not None:
+            headers["Content-Type"] = "text/xml"
+        reply = exchange(
+            self.port, RawRequest(method=method, path=path, headers=headers, body=body or b"")
+        )
+        return classify_bdom(reply)
+
+    def status(self, *segments: object, user: str = "-") -> Answer:
+        return self.request("GET", _bdom_path("status", *segments, user=user))
+
+    def scheduled(self, *segments: object, user: str = "-") -> Answer:
+        return self.request("GET", _bdom_path("scheduled", *segments, user=user))
+
+    def delete(self, *ids: object, user: str = "-") -> Answer:
+        return self.request("POST", _bdom_path("delete", user=user), _bdom_delete(*ids))
+
+    def create(self, user: str = "-", **fields: object) -> Answer:
+        return self.request("POST", _bdom_path("create", user=user), _bdom_create(**fields))
+
+
+def _bdom_segment(value: object) -> str:
+    """A value as one path segment, percent-encoded (a ``/`` never splits it)."""
+    return urllib.parse.quote(str(value), safe="")
+
+
+def _bdom_path(opcode: str, *segments: object, user: str = "-") -> str:
+    filled = [*segments, *["-"] * (4 - len(segments))]
+    return "/bdom/task/" + "/".join(_bdom_segment(s) for s in (opcode, *filled, user)) + "/"
+
+
+def _xml_text(value: object) -> str:
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _bdom_delete(*ids: object) -> bytes:
+    items = "".join(f"<task_id>{_xml_text(i)}</task_id>" for i in ids)
+    return f"<request><delete>{items}</delete></request>".encode("utf-8", "surrogatepass")
+
+
+def _bdom_create(
+    *,
+    opcode: object = "transfer-in",
+    object_: object = "domain",
+    name: object = "example.org",
+    params: Mapping[str, object] | None = None,
+) -> bytes:
+    param_xml = "".join(
+        f'<param name="{_xml_text(k)}">{_xml_text(v)}</param>' for k, v in (params or {}).items()
+    )
+    return (
+        f"<request><create><opcode>{_xml_text(opcode)}</opcode>"
+        f"<object>{_xml_text(object_)}</object><name>{_xml_text(name)}</name>"
+        f"<params>{param_xml}</params></create></request>"
+    ).encode("utf-8", "surrogatepass")
+
+
+_USER_ID = re.compile(r"[A-Za-z0-9._@-]{1,253}")
+_BDOM_WORD = re.compile(r"[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?")
+"""An opcode, object kind or param name as TaskCreate.xsd allows it (legitimate, not sent)."""
+
+
+def valid_user_id(value: object) -> bool:
+    """A user id another key may have (apikeys' rule): asking for it is forbidden, not
+    malformed, so it is not a hostile value for USER_ID."""
+    return isinstance(value, str) and bool(_USER_ID.fullmatch(value))
+
+
+def digits(value: object) -> bool:
+    """A decimal id in a path or an XML body is a legitimate id (the victim's are the
+    matrix's business; the caller's own would be found)."""
+    return isinstance(value, str) and value.isascii() and value.isdigit()
+
+
+def _bdom_victim_ids(
+    call: Callable[[BdomClient, int], Answer],
+) -> Callable[[BdomClient, World], list[Answer]]:
+    def run(c: BdomClient, w: World) -> list[Answer]:
+        return [call(c, id_) for id_ in w.victim.ids.values()]
+
+    return run
+
+
+def _bdom_victim_user(
+    call: Callable[[BdomClient, str], Answer],
+) -> Callable[[BdomClient, World], list[Answer]]:
+    def run(c: BdomClient, w: World) -> list[Answer]:
+        return [call(c, f"user-{w.victim.namespace}")]  # as make_key names users
+
+    return run
+
+
+def _bdom_lists(c: BdomClient, w: World) -> list[Answer]:
+    words = ("SUCCESS", "PENDING_INT", "PENDING_EXT", "FAILED_INT", "FAILED_EXT")
+    return [
+        c.status(),
+        *(c.status("-", word) for word in words),
+        c.status("-", "-", OBJECT["kind"]),
+        c.status("-", "-", OBJECT["kind"], OBJECT["name"]),
+        c.status("-", "PENDING_EXT", OBJECT["kind"], OBJECT["name"]),
+    ]
+
+
+def _expect_own_status(answers: list[Answer], w: World) -> list[str]:
+    problems = expect_ok_or_errors()(answers, w)
+    first = answers[0]
+    own = {w.attacker.ids[name] for name in OPERATION_STATES}
+    listed = {int(r["task_id"]) for r in first.value} if first.outcome == "ok" else set()
+    if not own <= listed:
+        problems.append(f"the attacker's own ids {sorted(own)} missing from {first.describe()}")
+    return problems
+
+
+def _bdom_create_like_victim(c: BdomClient, w: World) -> list[Answer]:
+    return [c.create(name=OBJECT["name"], params={"marker": w.attacker.marker})]
+
+
+def _expect_bdom_created_in_own_namespace(answers: list[Answer], w: World) -> list[str]:
+    [answer] = answers
+    if answer.outcome != "ok" or not answer.value:
+        return [f"expected the new task, got {answer.describe()}"]
+    id_ = int(answer.value[0]["task_id"])
+    custom = kubernetes.client.CustomObjectsApi(w.api)
+    obj: Any = custom.get_namespaced_custom_object(
+        GROUP, VERSION, w.attacker.namespace, "operations", f"op-{id_}"
+    )
+    if obj["spec"]["params"] != {"marker": w.attacker.marker}:
+        return [f"op-{id_} in the attacker's namespace has {obj['spec']['params']}"]
+    return []
+
+
+class BdomAdapter(DialectAdapter[BdomClient]):
+    """BDOM REST: ``/bdom/task/OPCODE/TASK_ID/STATUS/OBJECT/NAME/USER_ID/``, the API key as
+    the Basic auth password, hostile values in every path segment and body element."""
+
+    name = "bdom"
+    methods = ("status", "scheduled", "delete", "create")
+
+    def client(self, tenant: Tenant) -> BdomClient:
+        return BdomClient(
+            port=self.gateway.port, user_id=f"user-{tenant.namespace}", key=tenant.key
+        )
+
+    @classmethod
+    def probes(cls) -> Sequence[Probe[BdomClient]]:
+        return [
+            Probe(method="status", what="TASK_ID", run=lambda c, v: c.status(v), skip=digits),
+            Probe(method="status", what="STATUS", run=lambda c, v: c.status("-", v)),
+            Probe(
+                method="status",
+                what="OBJECT",
+                run=lambda c, v: c.status("-", "-", v),
+                search=True,
+            ),
+            Probe(
+                method="status",
+                what="NAME",
+                run=lambda c, v: c.status("-", "-", "domain", v),
+                search=True,
+            ),
+            Probe(
+                method="status",
+                what="USER_ID",
+                run=lambda c, v: c.status(user=str(v)),
+                skip=lambda v: valid_user_id(str(v)),
+            ),
+            Probe(
+                method="scheduled",
+                what="TASK_ID",
+                run=lambda c, v: c.scheduled(v),
+                search=True,
+            ),
+            Probe(
+                method="scheduled",
+                what="NAME",
+                run=lambda c, v: c.scheduled("-", "-", "domain", v),
+                search=True,
+            ),
+            Probe(
+                method="scheduled",
+                what="USER_ID",
+                run=lambda c, v: c.scheduled(user=str(v)),
+                skip=lambda v: valid_user_id(str(v)),
+            ),
+            Probe(method="delete", what="task_id", run=lambda c, v: c.delete(v), skip=digits),
+            Probe(
+                method="delete",
+                what="USER_ID",
+                run=lambda c, v: c.delete(_FAR_ID, user=str(v)),
+                skip=lambda v: valid_user_id(str(v)),
+            ),
+            Probe(
+                method="create",
+                what="name",
+                run=lambda c, v: c.create(name=v),
+                skip=lambda v: valid_name(str(v)),
+            ),
+            Probe(
+                method="create",
+                what="object",
+                run=lambda c, v: c.create(object_=v),
+                skip=lambda v: bool(_BDOM_WORD.fullmatch(str(v))),
+            ),
+            Probe(
+                method="create",
+                what="param name",
+                run=lambda c, v: c.create(params={str(v): "x"}),
+                skip=lambda v: bool(_BDOM_WORD.fullmatch(str(v))),
+            ),
+        ]
+
+    @classmethod
+    def store_probes(cls) -> Sequence[StoreProbe[BdomClient]]:
+        def created(
+            make: Callable[[object], dict[str, Any]],
+        ) -> Callable[[BdomClient, Tenant, object], list[Answer]]:
+            def run(c: BdomClient, t: Tenant, v: object) -> list[Answer]:
+                made = c.create(**make(v))
+                if made.outcome != "ok":
+                    return [made]
+                return [made, c.status(made.value[0]["task_id"])]
+
+            return run
+
+        return [
+            StoreProbe(method="create", what="param", run=created(lambda v: {"params": {"v": v}})),
+            StoreProbe(method="create", what="object name", run=created(lambda v: {"name": v})),
+        ]
+
+    @classmethod
+    def matrix(cls) -> Sequence[MatrixCase[BdomClient]]:
+        return [
+            MatrixCase(
+                method="status",
+                what="every filter",
+                writes=False,
+                run=_bdom_lists,
+                expect=_expect_own_status,
+            ),
+            MatrixCase(
+                method="status",
+                what="victim ids",
+                writes=False,
+                run=_bdom_victim_ids(lambda c, i: c.status(i)),
+                expect=expect_errors("not_found"),
+            ),
+            MatrixCase(
+                method="status",
+                what="victim's user",
+                writes=False,
+                run=_bdom_victim_user(lambda c, u: c.status(user=u)),
+                expect=expect_errors("forbidden"),
+            ),
+            MatrixCase(
+                method="scheduled",
+                what="own and victim ids",
+                writes=False,
+                run=lambda c, w: [
+                    c.scheduled(),
+                    *(c.scheduled(i) for i in w.victim.ids.values()),
+                ],
+                expect=expect_ok_or_errors(),
+            ),
+            MatrixCase(
+                method="scheduled",
+                what="victim's user",
+                writes=False,
+                run=_bdom_victim_user(lambda c, u: c.scheduled(user=u)),
+                expect=expect_errors("forbidden"),
+            ),
+            MatrixCase(
+                method="delete",
+                what="victim ids",
+                writes=True,
+                run=_bdom_victim_ids(lambda c, i: c.delete(i)),
+                expect=expect_errors("not_found"),
+            ),
+            MatrixCase(
+                method="delete",
+                what="victim ids beside a far id",
+                writes=True,
+                run=lambda c, w: [c.delete(*w.victim.ids.values())],
+                expect=expect_errors("not_found"),
+            ),
+            MatrixCase(
+                method="delete",
+                what="victim's user",
+                writes=True,
+                run=_bdom_victim_user(lambda c, u: c.delete(_FAR_ID, user=u)),
+                expect=expect_errors("forbidden"),
+            ),
+            MatrixCase(
+                method="create",
+                what="same object as the victim's",
+                writes=True,
+                run=_bdom_create_like_victim,
+                expect=_expect_bdom_created_in_own_namespace,
+            ),
+            MatrixCase(
+                method="create",
+                what="victim's user",
+                writes=True,
+                run=_bdom_victim_user(lambda c, u: c.create(user=u)),
+                expect=expect_errors("forbidden"),
+            ),
+        ]
+
+    def foreign_ids(self, answer: Answer, victim: Tenant) -> set[object]:
+        if answer.outcome != "ok" or not isinstance(answer.value, list):
+            return set()
+        shown = {r.get("task_id") for r in answer.value}
+        return {i for i in victim.ids.values() if str(i) in shown}
+
+    def raw_request(self, body: bytes, tenant: Tenant | None) -> RawRequest:
+        headers = {"Content-Type": "text/xml"}
+        user = "-"
+        if tenant is not None:
+            user = f"user-{tenant.namespace}"
+            token = base64.b64encode(f"{user}:{tenant.key}".encode()).decode("ascii")
+            headers["Authorization"] = f"Basic {token}"
+        return RawRequest(path=_bdom_path("delete", user=user), headers=headers, body=body)
+
+    def classify(self, reply: RawReply) -> Answer:
+        return classify_bdom(reply)
+
+    @classmethod
+    def worst_case_bodies(cls) -> Mapping[str, Callable[[], bytes]]:
+        room = 60 * 1024  # under the BDOM limit (64 KiB): these reach the parser
+        big = codec.DEFAULT_LIMITS.max_body_bytes - 1024
+
+        def delete(inner: bytes) -> bytes:
+            return b"<request><delete>" + inner + b"</delete></request>"
+
+        return {
+            "task-id-60KiB-of-digits": lambda: delete(b"<task_id>" + b"9" * room + b"</task_id>"),
+            "task-id-1MiB-of-digits": lambda: delete(b"<task_id>" + b"9" * big + b"</task_id>"),
+            "task-id-character-references": lambda: delete(
+                b"<task_id>" + b"&#x39;" * (room // 6) + b"</task_id>"
+            ),
+            "3000-task-ids": lambda: delete(b"<task_id>1</task_id>" * 3000),
+            "1000-task-ids": lambda: delete(b"<task_id>1</task_id>" * 998),
+            "deep-10000-unclosed": lambda: b"<request>" + b"<delete>" * 10_000,
+            "deep-just-past-the-limit": lambda: (
+                b"<request>" + b"<a>" * 8 + b"</a>" * 8 + b"</request>"
+            ),
+            "attributes-5000": lambda: (
+                b"<request " + b" ".join(b'a%d="x"' % i for i in range(5000)) + b"/>"
+            ),
+            "attribute-value-60KiB": lambda: b'<request a="' + b"x" * room + b'"/>',
+            "element-name-60KiB": lambda: b"<" + b"e" * room + b"/>",
+            "namespaces-1000": lambda: (
+                b"<request "
+                + b" ".join(b'xmlns:n%d="urn:%d"' % (i, i) for i in range(1000))
+                + b"/>"
+            ),
+            "billion-laughs": lambda: (
+                b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaaaaaaaa">'
+                b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+                b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><request>&c;</request>'
+            ),
+            "external-entity": lambda: (
+                b'<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+                b"<request><delete><task_id>&x;</task_id></delete></request>"
+            ),
+            "comments-60KiB": lambda: b"<request>" + b"<!-- c -->" * (room // 10) + b"</request>",
+            "whitespace-1MiB": lambda: b"<request>" + b" " * big + b"</request>",
+            "invalid-utf8": lambda: delete(b"<task_id>\xff\xfe</task_id>"),
+            "utf16-declared-utf8": lambda: "<request><delete/></request>".encode("utf-16"),
+        }
+
+    @classmethod
+    def body(cls, *, padding: int = 0) -> bytes:
+        return b"<request>" + b" " * padding + _bdom_delete(_FAR_ID)[9:]
+
+    @classmethod
+    def check_decoder(cls, body: bytes) -> None:
+        """The delete and create parsers either decode or raise an error of the table that
+        is a client's (4xx), never anything unplanned."""
+        for parse in (bdom.delete_ids, bdom.create_request):
+            try:
+                parse(body)
+            except Exception as exc:
+                fault = bdom.FAULTS.fault_for(exc)
+                if not 400 <= fault.code < 500:
+                    raise AssertionError(f"{exc!r} became {fault.code} {fault.name}") from exc
+
+    def fuzz_seeds(self, world: World) -> Sequence[tuple[str, tuple[Any, ...]]]:
+        return [
+            ("delete", (_bdom_delete(_FAR_ID),)),
+            ("delete", (_bdom_delete(_FAR_ID, _FAR_ID + 1),)),
+            ("create", (_bdom_create(params={"k": "v"}),)),
+        ]
+
+    @classmethod
+    def fuzz_bodies(cls, seeds: Sequence[tuple[str, tuple[Any, ...]]]) -> st.SearchStrategy[bytes]:
+        bodies = [args[0] for _, args in seeds if args and isinstance(args[0], bytes)]
+        bodies += [
+            _bdom_delete(_FAR_ID),
+            _bdom_create(params={"k": "v"}),
+            b'<?xml version="1.0" encoding="UTF-8"?><request xmlns:xsi='
+            b'"http://www.w3.org/2001/XMLSchema-instance"><delete><task_id>2000000000</task_id>'
+            b"</delete></request>",
+        ]
+        return mutated(st.sampled_from(bodies))

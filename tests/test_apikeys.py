@@ -158,6 +158,12 @@ def test_the_json_has_the_key_and_each_dialects_credentials_in_its_own_words() -
         "apiKey": key.api_key,
         "gandi": {"login": "alice", "password": key.api_key},
         "gocept": {"username": "alice", "password": key.api_key},
+        "cloudstack": {"apiKey": key.cloudstack_api_key, "secretKey": key.cloudstack_secret},
+        "bdom": {
+            "username": "alice",
+            "password": key.api_key,
+            "statusPath": "/bdom/task/status/-/-/-/-/alice/",
+        },
     }
     assert {form.dialect for form in apikeys.CLIENT_FORMS} <= set(states.Dialect)
     assert key.api_key not in repr(key)
@@ -402,7 +408,8 @@ def test_make_devs_demo_key_prints_snippets_that_work_as_pasted(
             timeout=120,
         )
         text = _ok(demo)
-        assert text.count("ServerProxy(") == len(apikeys.CLIENT_FORMS)
+        assert all(f"# {form.title}\n" in text for form in apikeys.CLIENT_FORMS)
+        assert "#   curl -sS -u 'demo:" in text  # BDOM's ready-to-paste curl lines
 
         def runs() -> bool:
             try:

@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 
 from opkeeper.gateway import server, service
 from opkeeper.gateway import xmlrpc as codec
+from opkeeper.gateway.dialects import cloudstack
 from tests.gateway_support import RunningGateway, module_gateway
 from tests.hostile import (
     STORE_TENANT_OPERATIONS,
     Answer,
+    BdomAdapter,
     DialectAdapter,
     GandiAdapter,
     GoceptAdapter,
@@ -46,8 +48,14 @@ from tests.hostile import (
     readable,
     snapshot,
 )
+from tests.hostile_cloudstack import CloudStackAdapter
 
-ADAPTERS: list[type[DialectAdapter[Any]]] = [GandiAdapter, GoceptAdapter]
+ADAPTERS: list[type[DialectAdapter[Any]]] = [
+    GandiAdapter,
+    GoceptAdapter,
+    BdomAdapter,
+    CloudStackAdapter,
+]
 """Every dialect the gateway serves. A dialect added later adds its adapter here."""
 
 READ_TIMEOUT = 2.0
@@ -72,6 +80,7 @@ def gw(
         read_timeout_seconds=READ_TIMEOUT,
         # No controller runs here: a relaunch or cancel would wait out the default bound.
         service=service.Settings(write_visible_timeout_seconds=0.2),
+        cloudstack=cloudstack.Settings(commands=CloudStackAdapter.commands),
     ) as running:
         yield running
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pathlib
 from typing import Any
 
 import pytest
@@ -113,3 +114,17 @@ def test_paths() -> None:
     assert kube.NAMESPACES.path(namespace="ignored", name="x") == "/api/v1/namespaces/x"
     assert kube.resource_version_of({"metadata": {"resourceVersion": "42"}}) == 42
     assert kube.resource_version_of({"metadata": {}}) == 0
+
+
+def test_a_kubeconfig_token_is_sent_as_a_bearer_token(tmp_path: pathlib.Path) -> None:
+    """As service-account tokens are (kubectl create token; the in-cluster loader keeps
+    the token the same way): without it every call would be anonymous."""
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:6443'}}]\n"
+        "users: [{name: u, user: {token: abc.def}}]\n"
+        "contexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n"
+    )
+    credentials = kube.Credentials.from_kubeconfig(str(config))
+    assert credentials.headers == {"Authorization": "Bearer abc.def"}

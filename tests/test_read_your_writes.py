@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import datetime
 import json
 import pathlib
 import subprocess
@@ -67,8 +68,8 @@ def failed_transfer(proxy: xmlrpc.client.ServerProxy, session: str, ops: Ops) ->
 
 
 def python_client(url: str, user: str, key: str, opid: int) -> dict[str, Any]:
-    """The sequence the Perl and PHP scripts run, through Python's xmlrpc.client, in the
-    same shape as their output."""
+    """The sequence the Perl and PHP scripts run (the seed's samples, ported), through
+    Python's xmlrpc.client, in the same shape as their output."""
     proxy = xmlrpc.client.ServerProxy(url)
     steps: list[dict[str, Any]] = []
 
@@ -84,7 +85,15 @@ def python_client(url: str, user: str, key: str, opid: int) -> dict[str, Any]:
     if not step("login", lambda: proxy.login(user, key)):
         return {"client": "python xmlrpc.client", "steps": steps}
     session = steps[0]["result"]
+    now = datetime.datetime.now(datetime.UTC)
+    seed_filter = {
+        "updated_after": xmlrpc.client.DateTime(now - datetime.timedelta(days=1)),
+        "updated_before": xmlrpc.client.DateTime(now + datetime.timedelta(days=1)),
+        "state": "ERROR",
+        "type": TRANSFER,
+    }
     sequence: list[tuple[str, Callable[[], Any]]] = [
+        ("list (the seed's filter)", lambda: proxy.operation_list(session, seed_filter)),
         ("relaunch", lambda: proxy.operation_relaunch(session, opid, {"auth_code": "abababab"})),
         ("details after relaunch", lambda: proxy.operation_details(session, opid)),
         ("cancel", lambda: proxy.operation_cancel(session, opid)),
@@ -99,7 +108,10 @@ def python_client(url: str, user: str, key: str, opid: int) -> dict[str, Any]:
 def script_client(command: list[str]) -> Callable[[str, str, str, int], dict[str, Any]]:
     def run(url: str, user: str, key: str, opid: int) -> dict[str, Any]:
         done = subprocess.run(
-            [*command, url, user, key, str(opid)], capture_output=True, text=True, timeout=120
+            [*command, url, user, key, str(opid), TRANSFER],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr
         output: dict[str, Any] = json.loads(done.stdout)
@@ -133,6 +145,7 @@ def test_relaunch_then_cancel_with_no_pause_between_calls(
     answers = {name: s.get("result", s.get("fault")) for name, s in steps.items()}
     assert list(steps) == [
         "login",
+        "list (the seed's filter)",
         "relaunch",
         "details after relaunch",
         "cancel",
@@ -140,6 +153,7 @@ def test_relaunch_then_cancel_with_no_pause_between_calls(
         "list cancelled",
         "cancel again",
     ], answers
+    assert opid in [int(i) for i in steps["list (the seed's filter)"]["result"]], answers
     for name in ("relaunch", "cancel"):
         # <boolean>1</boolean>: Perl's XMLRPC::Lite decodes it as 1, the others as true
         assert steps[name].get("result") in (True, 1, "1"), answers

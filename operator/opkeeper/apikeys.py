@@ -17,17 +17,22 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import re
 import secrets
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from opkeeper import errors, kube, names, states
+from opkeeper import errors, keys, kube, names, states
 from opkeeper.gateway import auth
+from opkeeper.gateway.dialects import cloudstack
 
 DEFAULT_KEY_NAMESPACE = "opkeeper-system"
 """Where the gateway reads keys from unless told otherwise (``auth.KeyRingSettings``)."""
+DEFAULT_SYSTEM_NAMESPACE = "opkeeper-system"
+"""Where the gateway keeps its shared keys unless told otherwise (its ``--system-namespace``):
+the CloudStack secret keys derive from the master key there."""
 DEFAULT_URL = "http://127.0.0.1:8480"
 """The gateway's base URL in the snippets: where ``opkeeper gateway`` and ``make dev``
 listen by default."""
@@ -161,6 +166,14 @@ class NewKey:
     user_id: str
     api_key: str = dataclasses.field(repr=False)
     """Kept out of repr, so a traceback or a log line never shows it."""
+    cloudstack_secret: str = dataclasses.field(default="", repr=False)
+    """The CloudStack secretKey (derived from the key's hash and the gateway's master key,
+    so it is the same whenever it is derived; never stored)."""
+
+    @property
+    def cloudstack_api_key(self) -> str:
+        """The CloudStack apiKey: the key's hash, which is not a secret."""
+        return cloudstack.api_key(auth.hash_key(self.api_key))
 
     def to_json(self) -> dict[str, Any]:
         """``create -o json``: the key, and each dialect's credentials as its member."""
@@ -227,6 +240,56 @@ def _gocept_snippet(*, key: NewKey, url: str) -> str:
     )
 
 
+def _bdom_path(*, url: str, user_id: str, opcode: str) -> str:
+    return f"{url}/bdom/task/{opcode}/-/-/-/-/{urllib.parse.quote(user_id, safe='@')}/"
+
+
+def _bdom_curl(key: NewKey, *, url: str) -> list[str]:
+    """Ready-to-paste shell lines: list the tasks, list the scheduled ones, schedule a
+    domain delete, delete a task (user ids and keys hold no shell metacharacters)."""
+    auth_ = f"-u '{key.user_id}:{key.api_key}'"
+    xml = "-H 'Content-Type: text/xml' --data-binary"
+    path = functools.partial(_bdom_path, url=url, user_id=key.user_id)
+    return [
+        f"curl -sS {auth_} {path(opcode='status')}",
+        f"curl -sS {auth_} {path(opcode='scheduled')}",
+        f"curl -sS {auth_} {xml} '<request><create><opcode>delete</opcode><object>domain"
+        "</object><name>example.org</name><exec-date>2030-01-01</exec-date></create></request>'"
+        f" {path(opcode='create')}",
+        f"curl -sS {auth_} {xml} '<request><delete><task_id>TASK_ID</task_id></delete>"
+        f"</request>' {path(opcode='delete')}",
+    ]
+
+
+def _bdom_snippet(*, key: NewKey, url: str) -> str:
+    # The text is Python as a whole, so the curl lines are comments (paste them without
+    # the leading '# '); the Python below makes the first one's request.
+    curl = "".join(f"#   {line}\n" for line in _bdom_curl(key, url=url))
+    token = base64.b64encode(f"{key.user_id}:{key.api_key}".encode()).decode("ascii")
+    return (
+        f"# with curl:\n{curl}"
+        "import urllib.request\n"
+        "bdom = urllib.request.Request(\n"
+        f"    {_bdom_path(url=url, user_id=key.user_id, opcode='status')!r},\n"
+        f"    headers={{'Authorization': {'Basic ' + token!r}}},\n"
+        ")\n"
+        "print(urllib.request.urlopen(bdom).read().decode())\n"
+    )
+
+
+def _cloudstack_snippet(*, key: NewKey, url: str) -> str:
+    return (
+        "import pprint\n"
+        "from cs import CloudStack  # pip install cs\n"
+        "cloudstack = CloudStack(\n"
+        f"    endpoint={url + '/client/api'!r},\n"
+        f"    key={key.cloudstack_api_key!r},\n"
+        f"    secret={key.cloudstack_secret!r},\n"
+        ")\n"
+        "pprint.pprint(cloudstack.listAsyncJobs())\n"
+    )
+
+
 CLIENT_FORMS: tuple[ClientForm, ...] = (
     ClientForm(
         dialect=states.Dialect.GANDI,
@@ -240,13 +303,47 @@ CLIENT_FORMS: tuple[ClientForm, ...] = (
         credentials=lambda key: {"username": key.user_id, "password": key.api_key},
         snippet=_gocept_snippet,
     ),
+    ClientForm(
+        dialect=states.Dialect.BDOM,
+        title="BDOM REST: curl or urllib, HTTP Basic auth (the key as password)",
+        credentials=lambda key: {
+            "username": key.user_id,
+            "password": key.api_key,
+            "statusPath": _bdom_path(url="", user_id=key.user_id, opcode="status"),
+        },
+        snippet=_bdom_snippet,
+    ),
+    ClientForm(
+        dialect=states.Dialect.CLOUDSTACK,
+        title="CloudStack: the cs package, signed requests (apiKey, secretKey)",
+        credentials=lambda key: {
+            "apiKey": key.cloudstack_api_key,
+            "secretKey": key.cloudstack_secret,
+        },
+        snippet=_cloudstack_snippet,
+    ),
 )
 """The dialects the gateway serves today, in the order ``create`` shows them."""
 
 
-async def create(client: kube.Client, *, key_namespace: str, tenant: str, user: str) -> NewKey:
+async def cloudstack_master(client: kube.Client, *, system_namespace: str) -> bytes:
+    """The master key CloudStack secret keys derive from (created if there is none yet,
+    exactly as the gateway would)."""
+    secret = keys.KeyedSecret(client, namespace=system_namespace, name=cloudstack.MASTER_KEY_SECRET)
+    return await secret.key()
+
+
+async def create(
+    client: kube.Client,
+    *,
+    key_namespace: str,
+    tenant: str,
+    user: str,
+    system_namespace: str = DEFAULT_SYSTEM_NAMESPACE,
+) -> NewKey:
     """Create a key Secret granting ``tenant`` to ``user``; the key namespace is created
-    if it does not exist yet (a fresh cluster)."""
+    if it does not exist yet (a fresh cluster). The CloudStack secretKey is derived with
+    the master key of ``system_namespace`` (the gateway's ``--system-namespace``)."""
     key = auth.new_key()
     manifest = auth.key_secret(
         name=secret_name(user=user), namespace=key_namespace, key=key, user_id=user, tenant=tenant
@@ -257,12 +354,14 @@ async def create(client: kube.Client, *, key_namespace: str, tenant: str, user: 
         # Only then: creating a namespace needs a right that creating a Secret does not.
         await kube.ensure_namespace(client, key_namespace)
         created = await client.create(kube.SECRETS, manifest, namespace=key_namespace)
+    master = await cloudstack_master(client, system_namespace=system_namespace)
     return NewKey(
         name=created["metadata"]["name"],
         key_namespace=key_namespace,
         namespace=tenant,
         user_id=user,
         api_key=key,
+        cloudstack_secret=cloudstack.secret_key(master=master, key_hash=auth.hash_key(key)),
     )
 
 

@@ -9,42 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from opkeeper import apikeys, errors, kube, names
-
-_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the ``extra={...}`` fields of the call as keys
-    (operation, id, from, to, reason...), for log pipelines that index fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+from opkeeper import apikeys, errors, kube, logs, names
 
 
 def _setup_logging(*, level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logs.setup(level=level, fmt=fmt)
     # kopf logs every handled watch event at INFO; our reconciler logs the transitions.
     logging.getLogger("kopf").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
 
@@ -91,7 +66,7 @@ def _controller_parser(parser: argparse.ArgumentParser) -> None:
         " link-local, unspecified and multicast addresses. The API server: never",
     )
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=logs.DEFAULT_FORMAT)
 
 
 def _webhook_allow_entry(value: str) -> str:
@@ -203,6 +178,13 @@ def _apikey_parser(parser: argparse.ArgumentParser) -> None:
         help="user id (letters, digits, '.', '_', '@', '-'): the Gandi login",
     )
     create.add_argument(
+        "--system-namespace",
+        default=apikeys.DEFAULT_SYSTEM_NAMESPACE,
+        type=_checked(names.namespace),
+        help="the gateway's --system-namespace, whose master key the CloudStack secretKey"
+        f" derives from (default {apikeys.DEFAULT_SYSTEM_NAMESPACE})",
+    )
+    create.add_argument(
         "--url",
         default=apikeys.DEFAULT_URL,
         type=_checked(apikeys.gateway_url),
@@ -247,7 +229,11 @@ async def _apikey_run(args: argparse.Namespace) -> int:
 
 async def _apikey_create(client: kube.Client, args: argparse.Namespace) -> int:
     key = await apikeys.create(
-        client, key_namespace=args.key_namespace, tenant=args.namespace, user=args.user
+        client,
+        key_namespace=args.key_namespace,
+        tenant=args.namespace,
+        user=args.user,
+        system_namespace=args.system_namespace,
     )
     print(json.dumps(key.to_json(), indent=2) if args.output == "json" else key.text(url=args.url))
     return 0

@@ -483,6 +483,8 @@ def up(settings: DevSettings, *, state_dir: pathlib.Path = STATE_DIR) -> int:
         f"  kubectl get ops,stask -n {DEMO_NAMESPACE}\n"
         f"  controller metrics: http://127.0.0.1:{settings.metrics_port}/metrics\n"
         f"  gateway: http://127.0.0.1:{settings.gateway_port}/xmlrpc\n"
+        f"  BDOM: http://127.0.0.1:{settings.gateway_port}/bdom/task/status/-/-/-/-/-/"
+        " (curl lines above)\n"
     )
     return 0
 

@@ -164,9 +164,8 @@ class Credentials:
             if config.cert_file:
                 context.load_cert_chain(config.cert_file, config.key_file)
         headers: dict[str, str] = {}
-        # The official client keeps a token under "BearerToken" (since v33; older ones
-        # under "authorization"): read both, or a token kubeconfig or a Pod's service
-        # account would silently call as system:anonymous.
+        # The official client keeps a kubeconfig's or a service account's token under
+        # "BearerToken" (older releases: "authorization").
         token = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix(
             "authorization"
         )
@@ -546,8 +545,13 @@ def _error(status: int, payload: bytes, what: str) -> errors.OpkeeperError:
 
 
 async def ensure_namespace(client: Client, name: str) -> None:
-    """Create the namespace ``name`` unless it exists (for opkeeper's own objects)."""
-    with contextlib.suppress(AlreadyExists):
+    """Create the namespace ``name`` unless it exists (for opkeeper's own objects).
+
+    Forbidden counts as done: an installed opkeeper (the Helm chart) may not create
+    namespaces, and its namespaces exist; were one missing, the create that follows
+    says so.
+    """
+    with contextlib.suppress(AlreadyExists, errors.Forbidden):
         await client.create(
             NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
         )

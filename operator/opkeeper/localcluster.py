@@ -51,6 +51,8 @@ KUBE_VERSION = "v1.36.3"
 """The kube-apiserver version; must match tools/kube/go.mod."""
 ETCD_VERSION = "v3.6.16"
 """The etcd version; must match tools/etcd/go.mod."""
+HELM_VERSION = "v4.3.1"
+"""The helm the chart tests run; must match tools/helm/go.mod."""
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 """The source checkout this module runs from (tools/ and crds/ live there)."""
@@ -191,6 +193,27 @@ def find_controller_manager(*, build: bool = True) -> pathlib.Path:
             if not kcm.exists():
                 _build_kube_controller_manager(kcm)
     return kcm
+
+
+def find_helm(*, build: bool = True) -> pathlib.Path:
+    """``$OPKEEPER_HELM``, else helm from the cache (built on a miss, like the others)."""
+    explicit = os.environ.get("OPKEEPER_HELM")
+    if explicit:
+        return pathlib.Path(explicit)
+    root = cache_dir() / "bin"
+    helm = root / f"helm-{HELM_VERSION}" / "helm"
+    if build and not helm.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not helm.exists():
+                _go_build(
+                    module_dir=REPO_ROOT / "tools" / "helm",
+                    package="helm.sh/helm/v4/cmd/helm",
+                    output=helm,
+                    ldflags=f"-s -w -X helm.sh/helm/v4/internal/version.version={HELM_VERSION}",
+                )
+    return helm
 
 
 # --- certificates -----------------------------------------------------------------
@@ -714,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             found = find_binaries()
             print(f"kube-apiserver: {found.kube_apiserver}\netcd: {found.etcd}")
             print(f"kube-controller-manager: {find_controller_manager()}")
+            print(f"helm: {find_helm()}")
         elif args.action == "up":
             print(up(args.state_dir).resolve())
         elif args.action == "down":

@@ -1,16 +1,17 @@
 <?php
 // A Gandi API v1 client as PHP scripts were written against it (PHP's xmlrpc extension
-// over an HTTP stream), driving relaunch -> details -> cancel -> details ->
-// list(state=CANCEL) -> cancel again, with no pause between calls. Prints one JSON
+// over an HTTP stream), driving the seed's operation_list example (a dateTime filter),
+// then relaunch -> details -> cancel -> details -> list(state=CANCEL) -> cancel again,
+// with no pause between calls. Prints one JSON
 // object: each step's answer (or its fault) and how long it took.
 // tests/test_read_your_writes.py runs it and checks the answers.
 //
-// usage: php relaunch_cancel.php URL LOGIN API_KEY OPID
-if ($argc !== 5) {
-    fwrite(STDERR, "usage: php relaunch_cancel.php URL LOGIN API_KEY OPID\n");
+// usage: php relaunch_cancel.php URL LOGIN API_KEY OPID TYPE
+if ($argc !== 6) {
+    fwrite(STDERR, "usage: php relaunch_cancel.php URL LOGIN API_KEY OPID TYPE\n");
     exit(2);
 }
-[, $url, $login, $apikey, $opid] = $argv;
+[, $url, $login, $apikey, $opid, $type] = $argv;
 $opid = (int) $opid;
 $steps = [];
 
@@ -53,7 +54,15 @@ if (isset($loggedin['fault'])) {
     finish();
 }
 $session = $loggedin['result'];
+// The seed's filter, its dates a day either side of now.
+$after = gmdate('Ymd\TH:i:s', time() - 86400);
+$before = gmdate('Ymd\TH:i:s', time() + 86400);
+xmlrpc_set_type($after, 'datetime');
+xmlrpc_set_type($before, 'datetime');
+$filter = ['updated_after' => $after, 'updated_before' => $before, 'state' => 'ERROR',
+           'type' => $type];
 foreach ([
+    ["list (the seed's filter)", 'operation_list', [$session, $filter]],
     ['relaunch', 'operation_relaunch', [$session, $opid, ['auth_code' => 'abababab']]],
     ['details after relaunch', 'operation_details', [$session, $opid]],
     ['cancel', 'operation_cancel', [$session, $opid]],

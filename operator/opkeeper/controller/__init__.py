@@ -177,7 +177,9 @@ async def run(
             namespaces=settings.namespaces, all_namespaces=settings.all_namespaces
         ),
     )
-    collector = metrics.StateCollector(states=reconciler.counts, writes=lambda: client.writes)
+    collector = metrics.StateCollector(
+        states=reconciler.counts, oldest=reconciler.oldest, writes=lambda: client.writes
+    )
     metrics.serve(port=settings.metrics_port, collector=collector)
     # Started before kopf: kopf cancels, on exit, the tasks created after it started.
     reconciler.start()

@@ -26,21 +26,31 @@ DURATION = prometheus_client.Histogram(
     ["type", "outcome"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
 )
+TIME_IN_STATE = prometheus_client.Histogram(
+    "opkeeper_operation_state_seconds",
+    "Time an operation spent in a state before leaving it (WaitingExternal: the time"
+    " spent waiting on an external system), as the controller saw it enter and leave.",
+    ["state"],
+    buckets=(0.1, 1, 5, 30, 60, 300, 900, 3600, 14400, 86400, 604800),
+)
 RECONCILES = prometheus_client.Counter(
     "opkeeper_reconciles_total", "Reconcile runs, by result.", ["result"]
 )
 
 
 class StateCollector(Collector):
-    """``opkeeper_operations{state}`` and ``opkeeper_api_writes_total`` at scrape time."""
+    """``opkeeper_operations{state}``, ``opkeeper_operation_oldest_seconds{state}`` and
+    ``opkeeper_api_writes_total`` at scrape time."""
 
     def __init__(
         self,
         *,
         states: Callable[[], Mapping[str, int]],
+        oldest: Callable[[], Mapping[str, float]],
         writes: Callable[[], Mapping[tuple[str, str], int]],
     ) -> None:
         self._states = states
+        self._oldest = oldest
         self._writes = writes
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -52,6 +62,14 @@ class StateCollector(Collector):
         for state, count in sorted(self._states().items()):
             gauge.add_metric([state], count)
         yield gauge
+        oldest = GaugeMetricFamily(
+            "opkeeper_operation_oldest_seconds",
+            "Per unfinished state, how long the operation longest in it has been there.",
+            labels=["state"],
+        )
+        for state, seconds in sorted(self._oldest().items()):
+            oldest.add_metric([state], seconds)
+        yield oldest
         counter = CounterMetricFamily(
             "opkeeper_api_writes",
             "Writes the controller made to the API server.",

@@ -113,6 +113,17 @@ def _owned(status: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in status.items() if k not in REPORT_FIELDS}
 
 
+def _since(status: Mapping[str, Any]) -> datetime.datetime | None:
+    """When an operation this process did not see move entered its state, at the latest:
+    its attempt's start, else its queueing."""
+    for field in ("startedAt", "queuedAt", "createdAt"):
+        value = status.get(field)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.datetime.fromisoformat(value)
+    return None
+
+
 def _others_wrote(*, before: kube.Body, after: kube.Body) -> bool:
     """Whether ``after`` (the answer to our id-label patch of ``before``) holds more than
     that label: a write of someone else's landed between the two."""
@@ -176,6 +187,8 @@ class Reconciler:
         """Worker-report fields as last acknowledged (to coalesce updatedAt bumps)."""
         self._last_write: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        self._entered: dict[str, datetime.datetime] = {}
+        """When each operation entered its state, as this process saw it happen."""
 
     # --- input -----------------------------------------------------------------
 
@@ -214,6 +227,21 @@ class Reconciler:
             result[state] = result.get(state, 0) + 1
         return result
 
+    def oldest(self) -> dict[str, float]:
+        """Per unfinished state, the seconds the longest-waiting operation has been in it
+        (for the stuck-waiting alert)."""
+        now = utcnow()
+        result: dict[str, float] = {}
+        for uid, body in self._bodies.items():
+            status = body.get("status") or {}
+            state = status.get("state")
+            if state is None or states.is_terminal(states.State(state)):
+                continue
+            since = self._entered.get(uid) or _since(status)
+            if since is not None:
+                result[state] = max(result.get(state, 0.0), (now - since).total_seconds())
+        return result
+
     def _remember(self, body: kube.Body) -> None:
         meta = body["metadata"]
         uid: str = meta["uid"]
@@ -233,7 +261,7 @@ class Reconciler:
             del self._names[key]
         for dependency in self._depends.pop(uid, set()):
             self._dependents.get(dependency, set()).discard(uid)
-        for table in (self._owned, self._reported, self._last_write, self._failures):
+        for table in (self._owned, self._reported, self._last_write, self._failures, self._entered):
             table.pop(uid, None)
         self.queue.forget(uid)
         for executor in self._executors.values():
@@ -772,8 +800,15 @@ class Reconciler:
                 "%s: %s: %s", name, reason, message, extra={"operation": name, "reason": reason}
             )
             self._events.post(body, type="Warning", reason=reason, message=message)
+        uid = body["metadata"]["uid"]
         for t in plan.transitions:
             metrics.TRANSITIONS.labels(t.before.value, t.after.value).inc()
+            entered = self._entered.get(uid)
+            if entered is not None:
+                metrics.TIME_IN_STATE.labels(t.before.value).observe(
+                    (plan.now - entered).total_seconds()
+                )
+            self._entered[uid] = plan.now
             failed = t.after in states.FAILED
             text = f"{t.before.value} -> {t.after.value}" + (f": {t.message}" if t.message else "")
             logger.info(

@@ -351,7 +351,9 @@ class Reconciler:
         # server lacks is the unrecorded fields plus that patch.
         patch = {**cache.unrecorded, **plan.status}
         if status.id is None:
-            patch["id"] = await self._ids.allocate()
+            # A sealed label id (the gateway's BDOM create answers with it) is kept, as
+            # for Operations; anything else gets a fresh id.
+            patch["id"] = await self._seal.trusted_id(body) or await self._ids.allocate()
         if plan.fire is not None and not plan.fire.recovery:
             await self._create(body, plan.fire, cache)
             # Recorded later, together with the finish if it comes soon enough.

@@ -171,6 +171,10 @@ class KeyRing:
             raise errors.Unauthenticated("unknown API key")
         return identity
 
+    def by_hash(self, key_hash: KeyHash) -> Identity | None:
+        """The identity of a key known by its hash (CloudStack's apiKey), or None."""
+        return self._by_hash.get(key_hash)
+
     def valid(self, identity: Identity) -> bool:
         """Whether the key behind ``identity`` still grants the same thing."""
         return self._by_hash.get(identity.key_hash) == identity

@@ -76,8 +76,17 @@ def _id_of(obj: Mapping[str, Any]) -> OpId | None:
     return OpId(number) if number is not None and number > 0 else None
 
 
+KEPT_ANNOTATIONS = frozenset({"opkeeper.dev/created-by-user"})
+"""The annotations a cached entry keeps (the others can be large and no read needs them):
+the user whose call created it (CloudStack's ``userid``)."""
+
+
 def _strip(meta: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in meta.items() if k not in ("managedFields", "annotations")}
+    out = {k: v for k, v in meta.items() if k not in ("managedFields", "annotations")}
+    kept = {k: v for k, v in (meta.get("annotations") or {}).items() if k in KEPT_ANNOTATIONS}
+    if kept:
+        out["annotations"] = kept
+    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

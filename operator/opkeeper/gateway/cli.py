@@ -10,7 +10,9 @@ import asyncio
 import dataclasses
 import logging
 
+from opkeeper import logs
 from opkeeper.gateway import aggregated, auth, calllog, server, service, xmlrpc
+from opkeeper.gateway.dialects import cloudstack
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=aggregated_defaults.port,
         help=f"aggregated API TLS port (default {aggregated_defaults.port})",
     )
+    parser.add_argument(
+        "--cloudstack-command",
+        action="append",
+        default=[],
+        metavar="COMMAND=TYPE",
+        help="a CloudStack async command served on /client/api and the operation type it"
+        " creates, e.g. deployVirtualMachine=vm_deploy; repeatable (the executor still"
+        " comes from --executor)",
+    )
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=logs.DEFAULT_FORMAT)
 
 
 def settings_from(args: argparse.Namespace) -> server.Settings:
@@ -133,6 +145,7 @@ def settings_from(args: argparse.Namespace) -> server.Settings:
         sessions=dataclasses.replace(auth.SessionSettings(), ttl_seconds=args.session_ttl),
         service=service.Settings(executors=server.executors_from(args.executor)),
         limits=dataclasses.replace(xmlrpc.DEFAULT_LIMITS, max_body_bytes=args.max_body),
+        cloudstack=cloudstack.Settings(commands=cloudstack.commands_from(args.cloudstack_command)),
         max_connections=args.max_connections,
         header_timeout_seconds=args.header_timeout,
         keepalive_timeout_seconds=args.keepalive_timeout,
@@ -155,12 +168,15 @@ def _aggregated_from(args: argparse.Namespace) -> aggregated.Settings | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    server.setup_logging(level=args.log_level)
+    logs.setup(level=args.log_level, fmt=args.log_format)
     settings = settings_from(args)
     log.info("call log: %s (kept %s)", settings.call_log_path, calllog.RETENTION)
     if settings.workers > 1:
         return server.serve_workers(
-            settings=settings, kubeconfig=args.kubeconfig, log_level=args.log_level
+            settings=settings,
+            kubeconfig=args.kubeconfig,
+            log_level=args.log_level,
+            log_format=args.log_format,
         )
     asyncio.run(server.serve(settings=settings, kubeconfig=args.kubeconfig))
     return 0

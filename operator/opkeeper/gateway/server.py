@@ -49,7 +49,7 @@ import prometheus_client.multiprocess
 import prometheus_client.registry
 from aiohttp import web
 
-from opkeeper import ids, keys, kube
+from opkeeper import ids, keys, kube, logs
 from opkeeper.gateway import (
     aggregated,
     auth,
@@ -62,6 +62,7 @@ from opkeeper.gateway import (
     service,
     xmlrpc,
 )
+from opkeeper.gateway.dialects import bdom, cloudstack
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class Settings:
     sessions: auth.SessionSettings = dataclasses.field(default_factory=auth.SessionSettings)
     service: service.Settings = dataclasses.field(default_factory=service.Settings)
     limits: xmlrpc.Limits = xmlrpc.DEFAULT_LIMITS
+    cloudstack: cloudstack.Settings = dataclasses.field(default_factory=cloudstack.Settings)
+    """The CloudStack dialect's async commands (command -> Operation type) and limits."""
     read_timeout_seconds: float = 10.0
     """Longest time a request body may take to arrive (default 10 s), so a client that
     trickles bytes cannot hold a connection and a buffer forever."""
@@ -226,6 +229,7 @@ class Gateway:
         id_allocator: service.Ids | None = None,
         id_seal: service.Seal | None = None,
         session_key: auth.SigningKey | None = None,
+        cloudstack_key: auth.SigningKey | None = None,
     ) -> None:
         self.settings = settings
         self.connections = Connections(settings=settings)
@@ -267,6 +271,21 @@ class Gateway:
             keyring=self.keyring,
             methods=dialects.xmlrpc_methods(),
             limits=settings.limits,
+            on_log_failure=self.metrics.call_log_failures.inc,
+        )
+        self.cloudstack = cloudstack.Api(
+            svc=self.service,
+            keyring=self.keyring,
+            master_key=cloudstack_key
+            or keys.KeyedSecret(
+                kube_client, namespace=settings.system_namespace, name=cloudstack.MASTER_KEY_SECRET
+            ),
+            settings=settings.cloudstack,
+            on_log_failure=self.metrics.call_log_failures.inc,
+        )
+        self.bdom = bdom.Endpoint(
+            svc=self.service,
+            keyring=self.keyring,
             on_log_failure=self.metrics.call_log_failures.inc,
         )
         self.synced = {name: asyncio.Event() for name in ("operations", "scheduledtasks", "keys")}
@@ -367,8 +386,40 @@ class Gateway:
             response.force_close()
         return response
 
-    async def _read_body(self, request: web.Request) -> bytes | Exception:
-        limit = self.settings.limits.max_body_bytes
+    async def cloudstack_api(self, request: web.Request) -> web.StreamResponse:
+        """``/client/api``: the query string, and for a POST the form body (read within
+        the same size limit and deadline as an XML-RPC body)."""
+        started = time.perf_counter()
+        body: bytes | Exception = b""
+        if request.method == "POST":
+            body = await self._read_body(request)
+        answer = await self.cloudstack.handle(
+            query=request.rel_url.raw_query_string,
+            body=body,
+            form=request.content_type == "application/x-www-form-urlencoded",
+            address=request.remote or "",
+            now=datetime.datetime.now(datetime.UTC),
+        )
+        self.metrics.record(
+            dialect=cloudstack.DIALECT.value,
+            method=answer.command,
+            outcome=answer.outcome,
+            seconds=time.perf_counter() - started,
+        )
+        response = web.Response(
+            status=answer.status,
+            body=answer.body,
+            content_type=answer.content_type,
+            charset="utf-8",
+        )
+        if isinstance(body, Exception):
+            response.force_close()  # the rest of the body was never read
+        return response
+
+    async def _read_body(
+        self, request: web.Request, *, limit: int | None = None
+    ) -> bytes | Exception:
+        limit = self.settings.limits.max_body_bytes if limit is None else limit
         too_large = xmlrpc.BodyTooLarge(f"request body larger than {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
             return too_large
@@ -390,6 +441,40 @@ class Gateway:
                 f"request body not received within {self.settings.read_timeout_seconds} s"
             )
         return b"".join(chunks)
+
+    async def bdom_task(self, request: web.Request) -> web.StreamResponse:
+        """``/bdom/task/...``: the BDOM REST dialect (:mod:`.dialects.bdom`)."""
+        started = time.perf_counter()
+        body: bytes | Exception = b""
+        if request.method == "POST":
+            body = await self._read_body(request, limit=self.bdom.limits.max_body_bytes)
+        reply = await self.bdom.handle(
+            bdom.Request(
+                method=request.method,
+                raw_path=request.raw_path,
+                authorization=request.headers.get("Authorization"),
+                body=body,
+                now=datetime.datetime.now(datetime.UTC),
+                address=request.remote or "",
+            )
+        )
+        self.metrics.record(
+            dialect=bdom.DIALECT.value,
+            method=reply.opcode,
+            outcome=reply.outcome,
+            seconds=time.perf_counter() - started,
+        )
+        response = web.Response(
+            status=reply.status,
+            body=reply.body,
+            content_type=bdom.CONTENT_TYPE,
+            charset="utf-8",
+            headers=reply.headers,
+        )
+        if isinstance(body, Exception):
+            # The rest of an oversized or slow body was never read: no reuse.
+            response.force_close()
+        return response
 
     async def healthz(self, request: web.Request) -> web.Response:
         dead = [t.get_name() for t in self._tasks if t.done()]
@@ -419,6 +504,12 @@ class Gateway:
         application.add_routes(
             [
                 web.post("/xmlrpc", self.xmlrpc),
+                # No HEAD: a CloudStack GET may create an operation, a HEAD never should.
+                web.get("/client/api", self.cloudstack_api, allow_head=False),
+                web.post("/client/api", self.cloudstack_api),
+                # Any path under /bdom/, newlines included (a decoded %0A), so that every
+                # malformed BDOM path gets the dialect's XML error, never aiohttp's 404.
+                web.route("*", "/bdom/{tail:[\\s\\S]*}", self.bdom_task),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.prometheus),
@@ -598,6 +689,7 @@ async def running(
     id_allocator: service.Ids | None = None,
     session_key: auth.SigningKey | None = None,
     feeds: bool = True,
+    cloudstack_key: auth.SigningKey | None = None,
 ) -> AsyncIterator[tuple[Gateway, int]]:
     """Run a gateway until the block ends; yields it and the port it listens on.
 
@@ -617,6 +709,7 @@ async def running(
         call_log=store,
         id_allocator=id_allocator,
         session_key=session_key,
+        cloudstack_key=cloudstack_key,
     )
     runner = web.AppRunner(
         gateway.app(),
@@ -732,7 +825,9 @@ def reserve_port(*, host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_workers(*, settings: Settings, kubeconfig: str | None, log_level: str) -> int:
+def serve_workers(
+    *, settings: Settings, kubeconfig: str | None, log_level: str, log_format: str
+) -> int:
     """``opkeeper gateway --workers N``: start N gateway processes on one port, and stop
     them all on SIGTERM or SIGINT, or as soon as one of them exits.
 
@@ -747,7 +842,11 @@ def serve_workers(*, settings: Settings, kubeconfig: str | None, log_level: str)
     settings = dataclasses.replace(settings, port=reserved.getsockname()[1])
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker, args=(settings, kubeconfig, log_level), name=f"gateway-{n}")
+        context.Process(
+            target=_worker,
+            args=(settings, kubeconfig, log_level, log_format),
+            name=f"gateway-{n}",
+        )
         for n in range(settings.workers)
     ]
     stopping = False
@@ -783,15 +882,8 @@ def serve_workers(*, settings: Settings, kubeconfig: str | None, log_level: str)
         del os.environ[MULTIPROC_DIR]
 
 
-def setup_logging(*, level: str) -> None:
-    """The gateway's log lines, with the process id (workers share one output)."""
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
-    )
-
-
-def _worker(settings: Settings, kubeconfig: str | None, log_level: str) -> None:
-    setup_logging(level=log_level)
+def _worker(settings: Settings, kubeconfig: str | None, log_level: str, log_format: str) -> None:
+    logs.setup(level=log_level, fmt=log_format)
     asyncio.run(serve(settings=settings, kubeconfig=kubeconfig))
 
 

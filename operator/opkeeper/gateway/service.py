@@ -243,6 +243,25 @@ class Service:
             raise errors.NotFound(f"operation {id_} not found")
         return entry
 
+    def job_ids(
+        self, *, who: auth.Identity, created_after: datetime.datetime | None
+    ) -> list[cache.OpId]:
+        """Every operation id of the caller's namespace, newest first, or those created at
+        or after ``created_after`` (CloudStack's listAsyncJobs pages through them). The
+        date index is on the update time, which is never before the creation time, so
+        it narrows the candidates and the creation time decides."""
+        ids = self.operations.list_ids(
+            who.tenant, updated_after=created_after, limit=len(self.operations)
+        )
+        if created_after is None:
+            return ids
+        out = []
+        for id_ in ids:
+            entry = self.operations.get_id(who.tenant, id_)
+            if entry is not None and entry.date_created >= created_after:
+                out.append(id_)
+        return out
+
     def query(
         self, *, who: auth.Identity, type_: str, exact: Mapping[str, Any]
     ) -> list[records.Record]:
@@ -509,6 +528,121 @@ class Service:
                 f"{where}: the spec is {size} bytes as JSON; at most"
                 f" {self.settings.max_spec_bytes} are stored"
             )
+
+    # --- BDOM: scheduled operations and task deletes -------------------------------
+
+    async def schedule(
+        self,
+        *,
+        who: auth.Identity,
+        type_: str,
+        params: Mapping[str, Any],
+        object_: Mapping[str, Any] | None,
+        exec_at: datetime.datetime,
+        labels: Mapping[str, str],
+    ) -> cache.OpId:
+        """Create a one-shot ScheduledTask named ``stask-<id>`` that creates the Operation
+        (with the type's configured executor) at ``exec_at``. The id is allocated and
+        sealed here, as for :meth:`create`, so the caller is answered with it at once and
+        the controller keeps it."""
+        try:
+            spec = models.ScheduledTaskSpec.model_validate(
+                {
+                    "execAt": exec_at,
+                    "template": {
+                        "spec": {
+                            "type": type_,
+                            "params": records.storable(params, where="params"),
+                            "object": records.storable(object_, where="object"),
+                            "executor": self.settings.executor_for(type_),
+                        }
+                    },
+                }
+            )
+        except pydantic.ValidationError as exc:
+            raise errors.InvalidArgument(records.validation_message(exc)) from None
+        self._check_size(spec.to_k8s(), where="scheduled task")
+        id_ = cache.OpId(await self._ids.allocate())
+        name = f"stask-{id_}"
+        stamp = await self._seal.stamp(id_, namespace=who.tenant, name=name)
+        body: Body = {
+            "apiVersion": API_VERSION,
+            "kind": "ScheduledTask",
+            "metadata": {
+                "name": name,
+                "namespace": who.tenant,
+                "labels": {
+                    **names.labels(dict(labels)),
+                    **stamp.labels,
+                    "app.kubernetes.io/created-by": "opkeeper-gateway",
+                },
+                "annotations": {**stamp.annotations, "opkeeper.dev/created-by-user": who.user_id},
+            },
+            "spec": spec.to_k8s(),
+        }
+        created = await self._kube.create(kube.SCHEDULED_TASKS, body, namespace=who.tenant)
+        meta = created["metadata"]
+        await self._until_visible(
+            write="create",
+            subject=f"{who.tenant}/{name}",
+            waits=[
+                functools.partial(
+                    self.tasks.wait,
+                    meta["namespace"],
+                    meta["name"],
+                    version=kube.resource_version_of(created),
+                    holds=_anything,
+                )
+            ],
+        )
+        return id_
+
+    async def delete_tasks(self, *, who: auth.Identity, ids_: Sequence[cache.OpId]) -> None:
+        """Delete the ScheduledTasks and finished Operations with these ids, all or
+        nothing: every id must name one of the caller's tasks or finished operations
+        (else NotFound or IllegalTransition naming it, and nothing is deleted); the
+        deletes then go through :meth:`apply` (dry run first, undo on a late failure,
+        answered once the next read no longer shows them). A repeated id counts once.
+
+        An Operation that has not finished is refused: deleting it would abandon work
+        its executor is doing (cancel it first); a finished one is only a record."""
+        batch: list[Body] = []
+        for id_ in dict.fromkeys(ids_):
+            task = self.tasks.get_id(who.tenant, id_)
+            if task is not None:
+                batch.append(
+                    {"__type__": "scheduledtask", "__action__": "delete", "name": task.name}
+                )
+                continue
+            entry = self.operations.get_id(who.tenant, id_)
+            if entry is None:
+                # Not in this process's watch (yet): ask the API server, by the id label.
+                listed = await self._kube.list(
+                    kube.SCHEDULED_TASKS,
+                    namespace=who.tenant,
+                    label_selector=f"{cache.ID_LABEL}={id_}",
+                )
+                fresh = [cache.TaskEntry.from_object(obj) for obj in listed.items]
+                if any(t.id == id_ for t in fresh):
+                    name = min(t.name for t in fresh if t.id == id_)
+                    batch.append(
+                        {"__type__": "scheduledtask", "__action__": "delete", "name": name}
+                    )
+                    continue
+                try:
+                    entry = await self._fetch_id(who=who, id_=id_)
+                except errors.NotFound:
+                    raise errors.NotFound(f"task {id_} not found") from None
+            if not states.is_terminal(entry.state):
+                # The watch may lag behind a finish: refuse only what the API server refuses.
+                entry = await self._fetch(entry, id_=id_)
+            if not states.is_terminal(entry.state):
+                raise errors.IllegalTransition(
+                    f"task {id_} is an operation that has not finished ({entry.state.value});"
+                    " cancel it first"
+                )
+            batch.append({"__type__": "operation", "__action__": "delete", "name": entry.name})
+        await self.apply(who=who, batch=batch)
 
     # --- gocept apply ------------------------------------------------------------
 
