@@ -586,7 +586,8 @@ def registration(
     ``system:auth-delegator`` ClusterRoleBinding (SubjectAccessReviews), the
     ``extension-apiserver-authentication-reader`` RoleBinding in kube-system (the
     front-proxy CA) and the callers' ClusterRole. The Helm chart's
-    ``templates/aggregated-api.yaml`` renders the same objects."""
+    ``templates/aggregated-api.yaml`` renders the same registration (its Service is
+    the gateway's own, its caller ClusterRole is named after the release)."""
     subject = {"kind": "ServiceAccount", "name": service_account, "namespace": namespace}
     spec: dict[str, Any] = {"ports": [{"name": "https", "port": 443, "targetPort": target_port}]}
     if selector is not None:
