@@ -248,6 +248,13 @@ def test_user_from_headers() -> None:
         groups=("g1", "g2"),
         extra=(("acme.com/project", ("p1",)), ("scopes", ("s1", "s2"))),
     )
+    with_uid = dataclasses.replace(trust, uid_headers=("X-Remote-Uid",))
+    named = frontproxy.user_from(
+        with_uid, _headers(("X-Remote-User", "bob"), ("X-Remote-Uid", "u-1"))
+    )
+    assert named is not None
+    assert named.uid == "u-1"
+    assert access.review(user=named, namespace="a", check=GET)["spec"]["uid"] == "u-1"
     assert frontproxy.user_from(trust, _headers(("X-Remote-Group", "g1"))) is None
     assert frontproxy.user_from(trust, _headers(("X-Remote-User", " "))) is None
 

@@ -112,6 +112,8 @@ def review(*, user: frontproxy.User, namespace: str, check: Check) -> dict[str, 
             "resource": check.resource,
         },
     }
+    if user.uid:
+        spec["uid"] = user.uid
     if user.extra:
         spec["extra"] = user.extra_dict()
     return {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}

@@ -58,6 +58,9 @@ class Trust:
     username_headers: tuple[str, ...] = DEFAULT_USERNAME_HEADERS
     group_headers: tuple[str, ...] = DEFAULT_GROUP_HEADERS
     extra_prefixes: tuple[str, ...] = DEFAULT_EXTRA_PREFIXES
+    uid_headers: tuple[str, ...] = ()
+    """Where the user's UID comes (``requestheader-uid-headers``, published only when
+    kube-apiserver's RemoteRequestHeaderUID feature is on)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,6 +68,7 @@ class User:
     """A Kubernetes user as the front proxy named it (what a SubjectAccessReview takes)."""
 
     name: str
+    uid: str = ""
     groups: tuple[str, ...] = ()
     extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """Extra attributes, sorted by key (hashable: it is part of a cache key)."""
@@ -102,6 +106,7 @@ def trust_from(data: Mapping[str, Any]) -> Trust | None:
         extra_prefixes=_string_list(
             data.get("requestheader-extra-headers-prefix"), DEFAULT_EXTRA_PREFIXES
         ),
+        uid_headers=_string_list(data.get("requestheader-uid-headers"), ()),
     )
 
 
@@ -127,8 +132,8 @@ def name_allowed(trust: Trust, peercert: Mapping[str, Any] | None) -> bool:
 def user_from(trust: Trust, headers: CIMultiDictProxy[str]) -> User | None:
     """The user a trusted front proxy names, or None when it names none.
 
-    As kube-apiserver reads them: the first non-empty user header; every value of
-    every group header; extra keys lower-cased and percent-decoded.
+    As kube-apiserver reads them: the first non-empty user (and UID) header; every
+    value of every group header; extra keys lower-cased and percent-decoded.
     """
     name = next(
         (v for h in trust.username_headers for v in headers.getall(h, []) if v.strip()), None
@@ -145,8 +150,10 @@ def user_from(trust: Trust, headers: CIMultiDictProxy[str]) -> User | None:
         for prefix in prefixes:
             if len(lower) > len(prefix) and lower.startswith(prefix):
                 extra.setdefault(urllib.parse.unquote(lower[len(prefix) :]), []).append(value)
+    uid = next((v for h in trust.uid_headers for v in headers.getall(h, []) if v), "")
     return User(
         name=name,
+        uid=uid,
         groups=groups,
         extra=tuple(sorted((k, tuple(v)) for k, v in extra.items())),
     )
