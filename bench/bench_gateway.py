@@ -2,6 +2,8 @@
 fraction of the HTTP-only ceiling measured in the same run), operation_list p99, peak RSS;
 BDOM's single-task status rate and filtered-list p99 against Gandi's details and list.
 CloudStack queryAsyncJobResult (signed, JSON and XML) against the Gandi details rate.
+XenAPI task.get_record throughput (against Gandi details of the same run), task.get_all
+cost, and event.from with many waiting clients (memory, delay from change to answer).
 
 The gateway runs in its own process (as in production) with N Operations in
 its cache; a load generator in this process drives it over loopback HTTP with
@@ -33,6 +35,14 @@ production.
 ``opkeeper gateway --workers N`` does, metrics in multiprocess mode), each
 with the same synthetic fill and one shared call log file; the gateway CPU
 per call and the peak RSS are summed over them.
+
+XenAPI (``/xenapi``): ``task.get_record`` is driven like Gandi's details and reported
+as a fraction of the details rate of the same run; ``task.get_all`` (every ref of the
+tenant) by one client. For ``event.from``, ``--waiters`` connections each wait with
+the current token; the gateway process then changes one Operation in its cache (as a
+watch event would) and reports the moment (``time.monotonic``, one clock for every
+process on the machine); each waiter's delay is from that moment to its answer's
+arrival. The gateway's RSS is read before the waiters connect and while they wait.
 
 Results go to <out>/<name>.{json,md}; the runs already there are kept under
 "history" (and "Earlier runs" in the markdown), newest first, so a re-run never
@@ -69,8 +79,8 @@ import aiohttp
 
 import common  # bench/common.py: the script's directory is on sys.path
 from opkeeper import kube
-from opkeeper.gateway import auth, server
-from opkeeper.gateway.dialects import cloudstack
+from opkeeper.gateway import auth, server, xenevents
+from opkeeper.gateway.dialects import cloudstack, xenapi
 
 NAMESPACE = "bench"
 KEY = "opk_bench-key-not-secret"
@@ -183,14 +193,41 @@ async def _gateway_main(
             # Everything was created before the gateway started: the first list has it all.
         gateway.keyring.apply(event="ADDED", obj=key_secret())
         fill_seconds = time.perf_counter() - started
-        conn.send({"port": port, "cached": len(gateway.operations), "fill_seconds": fill_seconds})
+        conn.send(
+            {
+                "port": port,
+                "cached": len(gateway.operations),
+                "fill_seconds": fill_seconds,
+                "token": gateway.operations.watched_version,
+            }
+        )
         loop = asyncio.get_running_loop()
         # Answer the parent's questions until it says stop; "cpu" is this process's CPU
         # time, so the parent can compute CPU per call (independent of other load).
         while (message := await loop.run_in_executor(None, conn.recv)) != "stop":
-            assert message == "cpu"
-            conn.send(time.process_time())
+            conn.send(_answer(gateway, message))
         conn.send({"peak_rss_bytes": common.memory_of("self").get("VmHWM", 0) * 1024})
+
+
+def _answer(gateway: server.Gateway, message: str) -> Any:
+    """The gateway process's side of the pipe: CPU time, RSS, waiting event.from calls,
+    or a change of op-1 applied to the cache as a watch event (when, on the monotonic
+    clock every process shares)."""
+    if message == "cpu":
+        return time.process_time()
+    if message == "rss":
+        return common.memory_of("self").get("VmRSS", 0) * 1024
+    if message == "waiting":
+        return gateway.task_feed.waiting()
+    assert message == "touch", message
+    entry = gateway.operations.get(NAMESPACE, "op-1")
+    assert entry is not None
+    obj = synthetic(1)
+    version = gateway.operations.watched_version + 1
+    obj["metadata"]["resourceVersion"] = str(version)
+    obj["status"]["progress"] = version % 100
+    gateway.operations.apply(event="MODIFIED", obj=obj)
+    return {"at": time.monotonic(), "token": version}
 
 
 def baseline_process(conn: multiprocessing.connection.Connection) -> None:
@@ -319,11 +356,18 @@ class _Connection(asyncio.Protocol):
         return await self._waiter
 
 
-def http_post(host: str, port: int, body: bytes, *, authorization: str | None = None) -> bytes:
-    """A complete HTTP/1.1 POST of an XML-RPC body to /xmlrpc, built once and reused."""
+def http_post(
+    host: str,
+    port: int,
+    body: bytes,
+    *,
+    authorization: str | None = None,
+    path: str = "/xmlrpc",
+) -> bytes:
+    """A complete HTTP/1.1 POST of an XML-RPC body to ``path``, built once and reused."""
     auth = f"Authorization: {authorization}\r\n" if authorization else ""
     head = (
-        f"POST /xmlrpc HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: text/xml\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: text/xml\r\n"
         f"{auth}Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("ascii") + body
@@ -337,13 +381,17 @@ async def load(
     concurrency: int,
     authorization: str | None = None,
     prepared: list[bytes] | None = None,
+    path: str = "/xmlrpc",
+    failure: bytes = b"<fault>",
 ) -> Result:
     """``concurrency`` connections, each sending a random body of ``bodies`` as soon as
     the previous answer is in, until ``duration`` seconds have passed. Every answer
-    must be HTTP 200 without a ``<fault>``; the CPU this process used is reported.
-    ``prepared`` are complete requests to send instead (BDOM's GETs)."""
+    must be HTTP 200 without ``failure`` (a ``<fault>``; XenAPI's ``Failure``); the CPU
+    this process used is reported. ``prepared`` are complete requests to send instead
+    (BDOM's GETs, CloudStack's signed calls)."""
     requests = prepared or [
-        http_post("127.0.0.1", port, body, authorization=authorization) for body in bodies
+        http_post("127.0.0.1", port, body, authorization=authorization, path=path)
+        for body in bodies
     ]
     latencies: list[float] = []
     faults = 0
@@ -362,7 +410,7 @@ async def load(
             t0 = time.perf_counter()
             status, payload = await connection.call(request)
             latencies.append(time.perf_counter() - t0)
-            if not status.startswith(b"HTTP/1.1 200 ") or b"<fault>" in payload:
+            if not status.startswith(b"HTTP/1.1 200 ") or failure in payload:
                 faults += 1
 
     cpu_before = time.process_time()
@@ -464,7 +512,13 @@ class Gateways:
             os.environ[server.MULTIPROC_DIR] = os.path.join(workdir, "metrics")
             os.mkdir(os.environ[server.MULTIPROC_DIR])
         settings = server.Settings(
-            port=port, workers=workers, call_log_path=os.path.join(workdir, "calllog.sqlite3")
+            port=port,
+            workers=workers,
+            call_log_path=os.path.join(workdir, "calllog.sqlite3"),
+            # The event.from load: every waiter is one tenant's, one process's.
+            xenapi=xenapi.Settings(
+                events=xenevents.Settings(max_waiters_per_tenant=EVENT_WAITERS_MAX)
+            ),
         )
         ctx = multiprocessing.get_context("spawn")
         self._pipes = []
@@ -491,6 +545,11 @@ class Gateways:
         infos = await self._ask(None)
         return {**infos[0], "fill_seconds": max(i["fill_seconds"] for i in infos)}
 
+    async def ask_first(self, message: str) -> Any:
+        """One question to the first worker (the event.from load uses one worker)."""
+        self._pipes[0].send(message)
+        return await asyncio.get_running_loop().run_in_executor(None, self._pipes[0].recv)
+
     async def cpu(self) -> float:
         """CPU seconds used so far, summed over the workers."""
         return float(sum(await self._ask("cpu")))
@@ -506,6 +565,137 @@ class Gateways:
         return sum(int(p["peak_rss_bytes"]) for p in peaks)
 
 
+EVENT_WAITERS_MAX = 10_000
+"""The per-tenant event.from waiter bound in the benchmark (above ``--waiters``)."""
+XEN_FAILURE = b"<string>Failure</string>"
+
+
+def xen_body(method: str, *params: Any) -> bytes:
+    return xmlrpc.client.dumps(params, method).encode()
+
+
+async def bench_xenapi(
+    gateways: Gateways,
+    port: int,
+    *,
+    size: int,
+    token: int,
+    duration: float,
+    concurrency: int,
+    waiters: int,
+    rounds: int,
+    details: list[bytes],
+) -> dict[str, Any]:
+    """XenAPI: task.get_record load (right after a Gandi details load of the same length,
+    the rate it is compared with: the machine is shared, so only adjacent loads compare),
+    task.get_all by one client, event.from waiters."""
+    proxy = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{port}/xenapi")
+    login: Any = proxy.session.login_with_password("bench", KEY)
+    assert login["Status"] == "Success", login
+    session = login["Value"]
+    rnd = random.Random(7)
+    records = [
+        xen_body(
+            "task.get_record",
+            session,
+            f"OpaqueRef:{synthetic(rnd.randrange(1, size + 1))['metadata']['uid']}",
+        )
+        for _ in range(2000)
+    ]
+    await load(
+        port, records, duration=2, concurrency=concurrency, path="/xenapi", failure=XEN_FAILURE
+    )  # warm-up
+    cpu_before = await gateways.cpu()
+    adjacent = await load(port, details, duration=duration, concurrency=concurrency)
+    adjacent_cpu_us = (await gateways.cpu() - cpu_before) / adjacent.requests * 1e6
+    cpu_before = await gateways.cpu()
+    record_result = await load(
+        port,
+        records,
+        duration=duration,
+        concurrency=concurrency,
+        path="/xenapi",
+        failure=XEN_FAILURE,
+    )
+    record_cpu_us = (await gateways.cpu() - cpu_before) / record_result.requests * 1e6
+    cpu_before = await gateways.cpu()
+    all_result = await load(
+        port,
+        [xen_body("task.get_all", session)],
+        duration=duration / 2,
+        concurrency=1,
+        path="/xenapi",
+        failure=XEN_FAILURE,
+    )
+    all_cpu_us = (await gateways.cpu() - cpu_before) / all_result.requests * 1e6
+    events = await bench_event_from(
+        gateways, port, session=session, token=token, waiters=waiters, rounds=rounds
+    )
+    return {
+        "get_record": {**record_result.summary(), "gateway_cpu_us_per_call": round(record_cpu_us)},
+        "gandi_details_adjacent": {
+            **adjacent.summary(),
+            "gateway_cpu_us_per_call": round(adjacent_cpu_us),
+        },
+        # The target: at least the Gandi details rate, measured right before it.
+        "get_record_of_gandi_details": round(record_result.rate / adjacent.rate, 3),
+        "get_all": {**all_result.summary(), "gateway_cpu_us_per_call": round(all_cpu_us)},
+        "event_from": events,
+    }
+
+
+async def _wait_event(connection: _Connection, request: bytes, arrived: list[float]) -> None:
+    """One event.from call; its answer's arrival time goes to ``arrived``."""
+    status, payload = await connection.call(request)
+    arrived.append(time.monotonic())
+    assert status.startswith(b"HTTP/1.1 200 "), status
+    assert XEN_FAILURE not in payload, payload[:300]
+    assert b"<name>ref</name>" in payload, payload[:300]
+
+
+async def bench_event_from(
+    gateways: Gateways, port: int, *, session: str, token: int, waiters: int, rounds: int
+) -> dict[str, Any]:
+    """``waiters`` connections wait in event.from; one change per round wakes them all."""
+    loop = asyncio.get_running_loop()
+    connections: list[_Connection] = []
+    rss_before = await gateways.ask_first("rss")
+    for _ in range(waiters):
+        _, protocol = await loop.create_connection(_Connection, "127.0.0.1", port)
+        connections.append(protocol)
+    delays: list[float] = []
+    rss_waiting = 0
+    for _ in range(rounds):
+        body = xen_body("event.from", session, ["task"], str(token), 60.0)
+        request = http_post("127.0.0.1", port, body, path="/xenapi")
+        arrived: list[float] = []
+
+        calls = [asyncio.create_task(_wait_event(c, request, arrived)) for c in connections]
+        deadline = time.monotonic() + 60
+        while await gateways.ask_first("waiting") < waiters:  # a condition, not a nap
+            assert time.monotonic() < deadline, "the waiters did not all arrive"
+        rss_waiting = max(rss_waiting, await gateways.ask_first("rss"))
+        touched = await gateways.ask_first("touch")
+        await asyncio.gather(*calls)
+        delays += [t - touched["at"] for t in arrived]
+        token = touched["token"]
+    for connection in connections:
+        assert connection.transport is not None
+        connection.transport.close()
+    delays.sort()
+    q = statistics.quantiles(delays, n=100)
+    return {
+        "waiters": waiters,
+        "rounds": rounds,
+        "delay_p50_ms": round(q[49] * 1000, 1),
+        "delay_p99_ms": round(q[98] * 1000, 1),
+        "delay_max_ms": round(delays[-1] * 1000, 1),
+        "rss_before_mib": round(rss_before / 2**20, 1),
+        "rss_waiting_mib": round(rss_waiting / 2**20, 1),
+        "kib_per_waiter": round((rss_waiting - rss_before) / waiters / 1024, 1),
+    }
+
+
 async def bench_size(
     size: int,
     *,
@@ -514,6 +704,8 @@ async def bench_size(
     list_concurrency: int,
     kubeconfig: str | None,
     workers: int,
+    waiters: int = 1000,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         gateways = Gateways(size=size, kubeconfig=kubeconfig, workdir=workdir, workers=workers)
@@ -585,6 +777,17 @@ async def bench_size(
                 "gateway_cpu_us_per_call": round(cpu_us),
                 "of_gandi_details": round(polled.rate / details_result.rate, 3),
             }
+        xen = await bench_xenapi(
+            gateways,
+            port,
+            size=size,
+            token=info["token"],
+            duration=duration,
+            concurrency=concurrency,
+            waiters=waiters,
+            rounds=rounds,
+            details=details,
+        )
         rss = await gateways.stop()
     return {
         "operations": size,
@@ -607,6 +810,7 @@ async def bench_size(
         },
         "cloudstack_query": cloudstack_runs,
         "list": {**list_result.summary(), "gateway_cpu_us_per_call": round(list_cpu_us)},
+        "xenapi": xen,
         "list_one_client": list_serial.summary(),
         "bdom_status": {
             **bdom_status.summary(),
@@ -721,6 +925,33 @@ def bdom_table(report: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def xenapi_table(report: dict[str, Any]) -> list[str]:
+    """The XenAPI figures of a report's runs (none for runs from before the dialect)."""
+    runs = [r for r in report["runs"] if "xenapi" in r]
+    if not runs:
+        return []
+    lines = [
+        "| operations | task.get_record req/s | p50 ms | p99 ms | gateway CPU µs per call"
+        " | of Gandi details (measured right before)"
+        " | task.get_all req/s (1 client) | p99 ms | gateway CPU µs per call"
+        " | event.from waiters | delay p50 / p99 / max ms | RSS before / waiting MiB"
+        " | KiB per waiter |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        x = r["xenapi"]
+        g, a, e = x["get_record"], x["get_all"], x["event_from"]
+        lines.append(
+            f"| {r['operations']:,} | {g['req_per_s']:,} | {g['p50_ms']} | {g['p99_ms']}"
+            f" | {g['gateway_cpu_us_per_call']} | {x['get_record_of_gandi_details']:.2f}"
+            f" | {a['req_per_s']:,} | {a['p99_ms']} | {a['gateway_cpu_us_per_call']:,}"
+            f" | {e['waiters']:,} ({e['rounds']} rounds)"
+            f" | {e['delay_p50_ms']} / {e['delay_p99_ms']} / {e['delay_max_ms']}"
+            f" | {e['rss_before_mib']} / {e['rss_waiting_mib']} | {e['kib_per_waiter']} |"
+        )
+    return lines
+
+
 def _query_column(run: dict[str, Any]) -> str:
     query = run.get("gocept_query")
     if query is None:
@@ -781,6 +1012,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *bdom_table(report),
         *cloudstack_table(report),
+        *xenapi_table(report),
+        "",
         *report["notes"],
     ]
     if report.get("history"):
@@ -809,6 +1042,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="details clients")
     parser.add_argument("--list-concurrency", type=int, default=4, help="list clients")
     parser.add_argument("--workers", type=int, default=1, help="gateway processes sharing the port")
+    parser.add_argument("--waiters", type=int, default=1000, help="XenAPI event.from clients")
     common.add_output_arguments(parser, name="gateway")
     parser.add_argument(
         "--note",
@@ -829,6 +1063,7 @@ def main() -> int:
         "concurrency": args.concurrency,
         "list_concurrency": args.list_concurrency,
         "workers": args.workers,
+        "waiters": args.waiters,
     }
     notes: list[str] = []
     runs = []

@@ -57,9 +57,9 @@ import kubernetes
 from hypothesis import strategies as st
 
 from opkeeper import GROUP, VERSION
-from opkeeper.gateway import faults
+from opkeeper.gateway import faults, xenfaults
 from opkeeper.gateway import xmlrpc as codec
-from opkeeper.gateway.dialects import bdom
+from opkeeper.gateway.dialects import bdom, xenapi
 from tests.gateway_support import RunningGateway, make_key, other_namespace
 from tests.helpers import wait_for
 
@@ -2177,3 +2177,557 @@ class BdomAdapter(DialectAdapter[BdomClient]):
             b"</delete></request>",
         ]
         return mutated(st.sampled_from(bodies))
+
+
+# --- XenAPI ----------------------------------------------------------------------------
+
+_XENAPI_CLASSES: Mapping[str, ErrorClass] = {
+    "MESSAGE_METHOD_UNKNOWN": "unknown_method",
+    "MESSAGE_PARAMETER_COUNT_MISMATCH": "bad_argument",
+    "FIELD_TYPE_ERROR": "bad_argument",
+    "INVALID_VALUE": "bad_argument",
+    "XMLRPC_UNMARSHAL_FAILURE": "bad_argument",
+    "XMLRPC_REQUEST_TOO_LARGE": "too_large",
+    "XMLRPC_REQUEST_REFUSED": "limit",
+    "SESSION_AUTHENTICATION_FAILED": "unauthenticated",
+    "SESSION_INVALID": "unauthenticated",
+    "HANDLE_INVALID": "not_found",
+    "OPERATION_NOT_ALLOWED": "state",
+}
+"""ErrorDescription[0] -> class (docs/faults.md); anything else (INTERNAL_ERROR) is the
+server's fault."""
+
+
+def xenapi_answer(value: object) -> Answer:
+    """A decoded XenAPI reply: the envelope, or broken (a fault is broken too: XenAPI
+    clients never expect one)."""
+    if not isinstance(value, dict) or value.get("Status") not in ("Success", "Failure"):
+        return Answer(outcome="broken", text=f"no XenAPI envelope: {_short(value)}")
+    if value["Status"] == "Success":
+        if set(value) != {"Status", "Value"}:
+            return Answer(outcome="broken", text=f"success without a Value: {_short(value)}")
+        return Answer(outcome="ok", value=value["Value"])
+    description = value.get("ErrorDescription")
+    if (
+        set(value) != {"Status", "ErrorDescription"}
+        or not isinstance(description, list)
+        or not description
+        or not all(isinstance(part, str) for part in description)
+    ):
+        return Answer(outcome="broken", text=f"malformed failure: {_short(value)}")
+    code = description[0]
+    return Answer(
+        outcome="error",
+        error=_XENAPI_CLASSES.get(code, "server"),
+        code=code,
+        text=" ".join(description[1:]),
+    )
+
+
+def classify_xenapi(reply: RawReply) -> Answer:
+    answer = classify_xmlrpc(reply)
+    if answer.outcome == "error":
+        return Answer(outcome="broken", text=f"an XML-RPC fault: {answer.describe()}")
+    if answer.outcome != "ok":
+        return answer
+    return xenapi_answer(answer.value)
+
+
+@dataclasses.dataclass(kw_only=True)
+class XenClient:
+    proxy: xmlrpc.client.ServerProxy
+    session: str
+    user: str
+
+    def call(self, method: str, *args: Any) -> Answer:
+        answer = invoke(self.proxy, method, *args)
+        if answer.outcome == "error":
+            return Answer(outcome="broken", text=f"an XML-RPC fault: {answer.describe()}")
+        if answer.outcome != "ok":
+            return answer
+        return xenapi_answer(answer.value)
+
+    def task(self, method: str, *args: Any) -> Answer:
+        return self.call(f"task.{method}", self.session, *args)
+
+
+_XEN_REF_READS = (
+    "get_record",
+    "get_uuid",
+    "get_name_label",
+    "get_name_description",
+    "get_status",
+    "get_progress",
+    "get_eta",
+    "get_type",
+    "get_result",
+    "get_error_code",
+    "get_error_info",
+    "get_created",
+    "get_finished",
+    "get_allowed_operations",
+    "get_other_config",
+)
+"""The task methods that take one task ref and change nothing."""
+
+
+def _xen_refs(gw: RunningGateway, tenant: Tenant) -> dict[str, str]:
+    """A tenant's task refs (``OpaqueRef:<uid>``), by operation name, from the cache."""
+    out: dict[str, str] = {}
+    for name in tenant.names:
+        entry = gw.gateway.operations.get(tenant.namespace, name)
+        if entry is not None:
+            out[name] = f"OpaqueRef:{entry.uid}"
+    return out
+
+
+def _xen_derived(tenant: Tenant, kind: str) -> str:
+    """The tenant's pool or host ref, derived as the gateway derives it (so the attacker
+    can compute the victim's)."""
+    return xenapi.derived_ref(tenant.namespace, kind)[1]
+
+
+def _xen_each_victim_ref(method: str, *extra: Any) -> Callable[[XenClient, World], list[Answer]]:
+    def run(c: XenClient, w: World) -> list[Answer]:
+        return [c.task(method, ref, *extra) for ref in _xen_refs(w.gateway, w.victim).values()]
+
+    return run
+
+
+def _xen_victim_uuids(c: XenClient, w: World) -> list[Answer]:
+    return [
+        c.task("get_by_uuid", ref.removeprefix("OpaqueRef:"))
+        for ref in _xen_refs(w.gateway, w.victim).values()
+    ]
+
+
+def _xen_login_as_victim(c: XenClient, w: World) -> list[Answer]:
+    victim_user = f"user-{w.victim.namespace}"
+    return [
+        c.call("session.login_with_password", victim_user, w.attacker.key),
+        c.call("session.login_with_password", victim_user, w.attacker.key, "2.21", "hostile"),
+    ]
+
+
+def _xen_logout_own(c: XenClient, w: World) -> list[Answer]:
+    fresh = c.call("session.login_with_password", c.user, w.attacker.key)
+    if fresh.outcome != "ok":
+        return [fresh]
+    return [fresh, c.call("session.logout", fresh.value), c.call("task.get_all", fresh.value)]
+
+
+def _expect_logged_out(answers: list[Answer], w: World) -> list[str]:
+    if len(answers) == 3 and answers[1].outcome == "ok" and answers[2].code == "SESSION_INVALID":
+        return []
+    return [f"login, logout, reuse: {[a.describe() for a in answers]}"]
+
+
+def _xen_pool_host(method: str, kind: str) -> Callable[[XenClient, World], list[Answer]]:
+    def run(c: XenClient, w: World) -> list[Answer]:
+        return [c.call(method, c.session, _xen_derived(w.victim, kind))]
+
+    return run
+
+
+def _xen_lists(method: str) -> Callable[[XenClient, World], list[Answer]]:
+    def run(c: XenClient, w: World) -> list[Answer]:
+        return [c.call(method, c.session)]
+
+    return run
+
+
+def _xen_own_session(method: str) -> Callable[[XenClient, World], list[Answer]]:
+    def run(c: XenClient, w: World) -> list[Answer]:
+        return [c.call(method, c.session, c.session)]
+
+    return run
+
+
+def _xen_expect_own_tasks(answers: list[Answer], w: World) -> list[str]:
+    problems = expect_ok_or_errors()(answers, w)
+    own = set(_xen_refs(w.gateway, w.attacker).values())
+    value = answers[0].value
+    listed = set(value) if isinstance(value, list | dict) else set()
+    if not own <= listed:
+        problems.append(f"the attacker's own tasks missing from {answers[0].describe()}")
+    return problems
+
+
+def _xen_by_label(c: XenClient, w: World) -> list[Answer]:
+    return [c.task("get_by_name_label", OPERATION_TYPE), c.task("get_by_name_label", "victim")]
+
+
+def _xen_events(c: XenClient, w: World) -> list[Answer]:
+    victim_refs = [f"task/{r}" for r in _xen_refs(w.gateway, w.victim).values()]
+    return [
+        c.call("event.from", c.session, ["task"], "", 0.0),
+        c.call("event.from", c.session, victim_refs, "", 0.0),
+        c.call("event.from", c.session, ["*"], "1", 0.0),
+    ]
+
+
+def _xen_expect_own_events(answers: list[Answer], w: World) -> list[str]:
+    problems = expect_ok_or_errors()(answers, w)
+    own = set(_xen_refs(w.gateway, w.attacker).values())
+    first = answers[0].value if answers[0].outcome == "ok" else {}
+    if not own <= {e.get("ref") for e in first.get("events", [])}:
+        problems.append(f"the attacker's own tasks missing from {answers[0].describe()}")
+    if answers[1].outcome != "ok" or answers[1].value.get("events"):
+        problems.append(f"events of the victim's refs: {answers[1].describe()}")
+    return problems
+
+
+def _xen_create(c: XenClient, w: World) -> list[Answer]:
+    return [c.task("create", "hostile", w.attacker.marker)]
+
+
+def _xen_expect_created(answers: list[Answer], w: World) -> list[str]:
+    [answer] = answers
+    if answer.outcome != "ok" or not str(answer.value).startswith("OpaqueRef:"):
+        return [f"expected a new task ref, got {answer.describe()}"]
+    uid = str(answer.value).removeprefix("OpaqueRef:")
+    entry = w.gateway.gateway.task_feed.task(w.attacker.namespace, uid)
+    if entry is None:
+        return [f"{answer.value} is not a task of the attacker"]
+    return []
+
+
+class XenApiAdapter(DialectAdapter[XenClient]):
+    """XenAPI at ``/xenapi``: ``session.login_with_password`` gives a session ref, the first
+    argument of every call; every answer is the ``{Status, Value | ErrorDescription}``
+    envelope."""
+
+    name = "xenapi"
+    endpoint: ClassVar[str] = "/xenapi"
+    methods = (
+        "session.login_with_password",
+        "session.logout",
+        "session.get_uuid",
+        "session.get_this_host",
+        "pool.get_all",
+        "pool.get_master",
+        "pool.get_uuid",
+        "host.get_all",
+        "host.get_uuid",
+        "host.get_API_version_major",
+        "host.get_API_version_minor",
+        "task.get_all",
+        "task.get_all_records",
+        "task.get_by_uuid",
+        "task.get_by_name_label",
+        *(f"task.{m}" for m in _XEN_REF_READS),
+        "task.set_name_label",
+        "task.set_name_description",
+        "task.cancel",
+        "task.destroy",
+        "task.create",
+        "event.from",
+    )
+
+    def client(self, tenant: Tenant) -> XenClient:
+        proxy = xmlrpc.client.ServerProxy(f"{self.gateway.base}{self.endpoint}")
+        user = f"user-{tenant.namespace}"
+        answer = xenapi_answer(proxy.session.login_with_password(user, tenant.key))
+        assert answer.outcome == "ok", answer.describe()
+        return XenClient(proxy=proxy, session=str(answer.value), user=user)
+
+    @classmethod
+    def probes(cls) -> Sequence[Probe[XenClient]]:
+        def ref_probe(method: str, *extra: Any, prefixed: bool) -> Probe[XenClient]:
+            def run(c: XenClient, v: object) -> Answer:
+                value = f"OpaqueRef:{v}" if prefixed and isinstance(v, str) else v
+                return c.task(method, value, *extra)
+
+            return Probe(
+                method=f"task.{method}", what="ref" if not prefixed else "ref uuid", run=run
+            )
+
+        probes: list[Probe[XenClient]] = []
+        for prefixed in (False, True):
+            probes += [ref_probe(m, prefixed=prefixed) for m in _XEN_REF_READS]
+            probes += [
+                ref_probe("set_name_label", "x", prefixed=prefixed),
+                ref_probe("set_name_description", "x", prefixed=prefixed),
+                ref_probe("cancel", prefixed=prefixed),
+                ref_probe("destroy", prefixed=prefixed),
+            ]
+        return [
+            *probes,
+            Probe(
+                method="task.get_by_uuid", what="uuid", run=lambda c, v: c.task("get_by_uuid", v)
+            ),
+            Probe(
+                method="task.get_by_name_label",
+                what="label",
+                run=lambda c, v: c.task("get_by_name_label", v),
+                search=True,
+            ),
+            Probe(
+                method="event.from",
+                what="token",
+                run=lambda c, v: c.call("event.from", c.session, ["task"], v, 0.0),
+                # Digits are a fair token (a resourceVersion): the answer is the caller's own.
+                skip=lambda v: isinstance(v, str) and (v == "" or v.isdecimal()),
+            ),
+            Probe(
+                method="event.from",
+                what="class ref",
+                run=lambda c, v: _xen_events_only(
+                    c.call("event.from", c.session, [f"task/{v}"], "", 0.0)
+                ),
+                search=True,
+                skip=not_a_string,
+            ),
+            Probe(
+                method="pool.get_master",
+                what="pool ref",
+                run=lambda c, v: c.call("pool.get_master", c.session, v),
+            ),
+            Probe(
+                method="host.get_API_version_major",
+                what="host ref",
+                run=lambda c, v: c.call("host.get_API_version_major", c.session, v),
+            ),
+        ]
+
+    @classmethod
+    def store_probes(cls) -> Sequence[StoreProbe[XenClient]]:
+        def renamed(method: str) -> Callable[[XenClient, Tenant, object], list[Answer]]:
+            def run(c: XenClient, t: Tenant, v: object) -> list[Answer]:
+                entry = c.task("get_all")
+                if entry.outcome != "ok" or not entry.value:
+                    return [entry]
+                ref = entry.value[0]
+                done = c.task(method, ref, v)
+                if done.outcome != "ok":
+                    return [done]
+                return [done, c.task("get_record", ref), c.task("get_all_records")]
+
+            return run
+
+        def created(c: XenClient, t: Tenant, v: object) -> list[Answer]:
+            made = c.task("create", v, v)
+            if made.outcome != "ok":
+                return [made]
+            return [made, c.task("get_record", made.value)]
+
+        return [
+            StoreProbe(method="task.set_name_label", what="value", run=renamed("set_name_label")),
+            StoreProbe(
+                method="task.set_name_description",
+                what="value",
+                run=renamed("set_name_description"),
+            ),
+            StoreProbe(method="task.create", what="label and description", run=created),
+        ]
+
+    @classmethod
+    def matrix(cls) -> Sequence[MatrixCase[XenClient]]:
+        return [
+            MatrixCase(
+                method="session.login_with_password",
+                what="victim's user with own key",
+                writes=False,
+                run=_xen_login_as_victim,
+                expect=expect_errors("unauthenticated"),
+            ),
+            MatrixCase(
+                method="session.logout",
+                what="own fresh session",
+                writes=True,
+                run=_xen_logout_own,
+                expect=_expect_logged_out,
+            ),
+            *(
+                MatrixCase(
+                    method=m,
+                    what="own session",
+                    writes=False,
+                    run=_xen_own_session(m),
+                    expect=expect_ok_or_errors(),
+                )
+                for m in ("session.get_uuid", "session.get_this_host")
+            ),
+            *(
+                MatrixCase(
+                    method=m,
+                    what="own list",
+                    writes=False,
+                    run=_xen_lists(m),
+                    expect=expect_ok_or_errors(),
+                )
+                for m in ("pool.get_all", "host.get_all")
+            ),
+            *(
+                MatrixCase(
+                    method=m,
+                    what="victim's ref",
+                    writes=False,
+                    run=_xen_pool_host(m, m.partition(".")[0]),
+                    expect=expect_errors("not_found"),
+                )
+                for m in (
+                    "pool.get_master",
+                    "pool.get_uuid",
+                    "host.get_uuid",
+                    "host.get_API_version_major",
+                    "host.get_API_version_minor",
+                )
+            ),
+            *(
+                MatrixCase(
+                    method=m,
+                    what="own tasks",
+                    writes=False,
+                    run=_xen_lists(m),
+                    expect=_xen_expect_own_tasks,
+                )
+                for m in ("task.get_all", "task.get_all_records")
+            ),
+            MatrixCase(
+                method="task.get_by_uuid",
+                what="victim uuids",
+                writes=False,
+                run=_xen_victim_uuids,
+                expect=expect_errors("not_found"),
+            ),
+            MatrixCase(
+                method="task.get_by_name_label",
+                what="shared and victim labels",
+                writes=False,
+                run=_xen_by_label,
+                expect=expect_ok_or_errors(),
+            ),
+            *(
+                MatrixCase(
+                    method=f"task.{m}",
+                    what="victim refs",
+                    writes=False,
+                    run=_xen_each_victim_ref(m),
+                    expect=expect_errors("not_found"),
+                )
+                for m in _XEN_REF_READS
+            ),
+            *(
+                MatrixCase(
+                    method=f"task.{m}",
+                    what="victim refs",
+                    writes=True,
+                    run=_xen_each_victim_ref(m, *extra),
+                    expect=expect_errors("not_found"),
+                )
+                for m, extra in (
+                    ("set_name_label", ("mine",)),
+                    ("set_name_description", ("mine",)),
+                    ("cancel", ()),
+                    ("destroy", ()),
+                )
+            ),
+            MatrixCase(
+                method="task.create",
+                what="own namespace",
+                writes=True,
+                run=_xen_create,
+                expect=_xen_expect_created,
+            ),
+            MatrixCase(
+                method="event.from",
+                what="all, victim refs, old token",
+                writes=False,
+                run=_xen_events,
+                expect=_xen_expect_own_events,
+            ),
+        ]
+
+    def foreign_ids(self, answer: Answer, victim: Tenant) -> set[object]:
+        """The victim's refs, uuids and ids (``other_config.opkeeper_id``) in an answer."""
+        if answer.outcome != "ok":
+            return set()
+        refs = _xen_refs(self.gateway, victim)
+        theirs: set[str] = set(refs.values()) | {
+            r.removeprefix("OpaqueRef:") for r in refs.values()
+        }
+        theirs |= {str(i) for i in victim.ids.values()}
+        return _strings(answer.value) & theirs
+
+    def raw_request(self, body: bytes, tenant: Tenant | None) -> RawRequest:
+        return RawRequest(path=self.endpoint, headers={"Content-Type": "text/xml"}, body=body)
+
+    def classify(self, reply: RawReply) -> Answer:
+        return classify_xenapi(reply)
+
+    @classmethod
+    def wrap(cls, value_xml: bytes) -> bytes:
+        return (
+            b"<?xml version='1.0'?><methodCall><methodName>task.get_record</methodName>"
+            b"<params>"
+            + _param(b"<value><string>OpaqueRef:session</string></value>")
+            + _param(value_xml)
+            + b"</params></methodCall>"
+        )
+
+    @classmethod
+    def worst_case_bodies(cls) -> Mapping[str, Callable[[], bytes]]:
+        return xmlrpc_worst_case_bodies(cls.wrap, limit=codec.DEFAULT_LIMITS.max_body_bytes)
+
+    @classmethod
+    def body(cls, *, padding: int = 0) -> bytes:
+        return cls.wrap(b"<value><string>" + b"x" * padding + b"</string></value>")
+
+    @classmethod
+    def check_decoder(cls, body: bytes) -> None:
+        """decode_call decodes or raises a CodecError, whose failure is never
+        INTERNAL_ERROR and reads back as the same code through the envelope."""
+        try:
+            codec.decode_call(body)
+        except codec.CodecError as exc:
+            description = xenfaults.description(exc, xenfaults.Context(method=""))
+            if description[0] == "INTERNAL_ERROR":
+                raise AssertionError(f"{exc!r} became an internal error") from exc
+            encoded = codec.encode_response({"Status": "Failure", "ErrorDescription": description})
+            answer = classify_xenapi(
+                RawReply(status=200, headers={"content-type": "text/xml"}, body=encoded)
+            )
+            if answer.code != description[0]:
+                raise AssertionError(
+                    f"the failure for {exc!r} reads as {answer.describe()}"
+                ) from exc
+
+    def fuzz_seeds(self, world: World) -> Sequence[tuple[str, tuple[Any, ...]]]:
+        c = self.client(world.attacker)
+        ref = _xen_refs(self.gateway, world.attacker)["shared-done"]
+        return [
+            ("session.login_with_password", (c.user, world.attacker.key)),
+            ("session.login_with_password", (c.user, world.attacker.key, "2.21", "fuzz")),
+            ("task.get_all", (c.session,)),
+            ("task.get_record", (c.session, ref)),
+            ("task.get_by_uuid", (c.session, ref.removeprefix("OpaqueRef:"))),
+            ("task.get_by_name_label", (c.session, OPERATION_TYPE)),
+            ("task.set_name_label", (c.session, ref, "fuzz")),
+            ("event.from", (c.session, ["task"], "", 0.0)),
+        ]
+
+    @classmethod
+    def fuzz_bodies(cls, seeds: Sequence[tuple[str, tuple[Any, ...]]]) -> st.SearchStrategy[bytes]:
+        return mutated(xmlrpc_calls(seeds, cls.methods))
+
+
+def _xen_events_only(answer: Answer) -> Answer:
+    """An event.from answer as its events alone (empty when nothing matched)."""
+    if answer.outcome != "ok":
+        return answer
+    return dataclasses.replace(answer, value=answer.value.get("events"))
+
+
+def _strings(value: object) -> set[str]:
+    """Every string in a decoded answer (keys included)."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        found: set[str] = set()
+        for k, v in value.items():
+            found |= _strings(k) | _strings(v)
+        return found
+    if isinstance(value, list):
+        return set().union(*map(_strings, value)) if value else set()
+    return set()

@@ -164,6 +164,7 @@ def test_the_json_has_the_key_and_each_dialects_credentials_in_its_own_words() -
             "password": key.api_key,
             "statusPath": "/bdom/task/status/-/-/-/-/alice/",
         },
+        "xenapi": {"username": "alice", "password": key.api_key},
     }
     assert {form.dialect for form in apikeys.CLIENT_FORMS} <= set(states.Dialect)
     assert key.api_key not in repr(key)

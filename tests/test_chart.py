@@ -8,6 +8,7 @@ the chart forgot fails that test.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import pathlib
@@ -20,6 +21,7 @@ import xmlrpc.client
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import cs
 import kubernetes
 import prometheus_client.parser
 import pytest
@@ -27,6 +29,7 @@ import yaml
 
 from opkeeper import localcluster
 from opkeeper.gateway import server
+from tests import bdom_support
 from tests.gateway_support import gateway_in_thread
 from tests.helpers import Ops, complete_job, controller_in_thread, wait_for
 
@@ -459,6 +462,8 @@ def _scenario(
                     cluster.kubeconfig,
                     "--key-namespace",
                     release,
+                    "--system-namespace",
+                    release,
                     "-n",
                     namespace,
                     "--user",
@@ -493,6 +498,30 @@ def _scenario(
         applied = gocept.apply([{"__type__": "operation", "name": "via-gocept", "type": "t"}])
         assert applied[0]["name"] == "via-gocept"
         assert any(e["method"] == "apply" for e in gocept.log(0))
+        # BDOM schedules (a ScheduledTask with a sealed id), CloudStack signs with a key
+        # derived from the shared master key.
+        tomorrow = _in_seconds(86400)[:10]
+        created = urllib.request.urlopen(
+            urllib.request.Request(
+                f"http://127.0.0.1:{port}/bdom/task/create/-/-/-/-/demo/",
+                data=bdom_support.create_body(
+                    opcode="delete", name="x.example", exec_date=tomorrow
+                ),
+                headers={
+                    "Authorization": "Basic "
+                    + base64.b64encode(f"demo:{minted['apiKey']}".encode()).decode(),
+                    "Content-Type": "application/xml",
+                },
+            ),
+            timeout=30,
+        )
+        assert created.status == 200
+        stack = cs.CloudStack(
+            endpoint=f"http://127.0.0.1:{port}/client/api",
+            key=minted["cloudstack"]["apiKey"],
+            secret=minted["cloudstack"]["secretKey"],
+        )
+        assert "asyncjobs" in stack.listAsyncJobs() or stack.listAsyncJobs() == {}
 
 
 def _login(proxy: xmlrpc.client.ServerProxy, user: str, key: str) -> str | None:

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opkeeper.gateway import server, service
+from opkeeper.gateway import server, service, xenevents
 from opkeeper.gateway import xmlrpc as codec
-from opkeeper.gateway.dialects import cloudstack
+from opkeeper.gateway.dialects import cloudstack, xenapi
 from tests.gateway_support import RunningGateway, module_gateway
 from tests.hostile import (
     STORE_TENANT_OPERATIONS,
@@ -35,6 +35,7 @@ from tests.hostile import (
     StoreProbe,
     Tenant,
     World,
+    XenApiAdapter,
     build_tenant,
     build_world,
     call_log_count,
@@ -55,6 +56,7 @@ ADAPTERS: list[type[DialectAdapter[Any]]] = [
     GoceptAdapter,
     BdomAdapter,
     CloudStackAdapter,
+    XenApiAdapter,
 ]
 """Every dialect the gateway serves. A dialect added later adds its adapter here."""
 
@@ -81,6 +83,8 @@ def gw(
         # No controller runs here: a relaunch or cancel would wait out the default bound.
         service=service.Settings(write_visible_timeout_seconds=0.2),
         cloudstack=cloudstack.Settings(commands=CloudStackAdapter.commands),
+        # A generated event.from may carry a future token and a long timeout: bounded here.
+        xenapi=xenapi.Settings(events=xenevents.Settings(max_wait_seconds=1.0)),
     ) as running:
         yield running
 

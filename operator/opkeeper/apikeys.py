@@ -290,6 +290,17 @@ def _cloudstack_snippet(*, key: NewKey, url: str) -> str:
     )
 
 
+def _xenapi_snippet(*, key: NewKey, url: str) -> str:
+    return (
+        "import pprint, XenAPI  # pip install XenAPI\n"
+        f"xen = XenAPI.Session({url + '/xenapi'!r})\n"
+        f"xen.xenapi.login_with_password({key.user_id!r}, {key.api_key!r}, '2.21', 'opkeeper')\n"
+        "for ref, task in xen.xenapi.task.get_all_records().items():\n"
+        "    pprint.pprint(task)\n"
+        "xen.xenapi.session.logout()\n"
+    )
+
+
 CLIENT_FORMS: tuple[ClientForm, ...] = (
     ClientForm(
         dialect=states.Dialect.GANDI,
@@ -321,6 +332,12 @@ CLIENT_FORMS: tuple[ClientForm, ...] = (
             "secretKey": key.cloudstack_secret,
         },
         snippet=_cloudstack_snippet,
+    ),
+    ClientForm(
+        dialect=states.Dialect.XENAPI,
+        title="XenAPI: the XenAPI package, login_with_password(username, password)",
+        credentials=lambda key: {"username": key.user_id, "password": key.api_key},
+        snippet=_xenapi_snippet,
     ),
 )
 """The dialects the gateway serves today, in the order ``create`` shows them."""

@@ -485,6 +485,7 @@ def up(settings: DevSettings, *, state_dir: pathlib.Path = STATE_DIR) -> int:
         f"  gateway: http://127.0.0.1:{settings.gateway_port}/xmlrpc\n"
         f"  BDOM: http://127.0.0.1:{settings.gateway_port}/bdom/task/status/-/-/-/-/-/"
         " (curl lines above)\n"
+        f"  XenAPI: http://127.0.0.1:{settings.gateway_port}/xenapi\n"
     )
     return 0
 

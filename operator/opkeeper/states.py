@@ -152,7 +152,8 @@ class LegacyWords:
     gocept: str
     """gocept records carry the resource's own state names (Pending, WaitingExternal, ...)."""
     xenapi: str
-    """XenAPI task ``status``: pending, success, failure, cancelled."""
+    """XenAPI task ``status``: pending, success, failure, cancelled (and ``cancelling``,
+    from :data:`CANCELLING_WORDS`)."""
     cloudstack: int
     """CloudStack ``jobstatus``: 0 pending, 1 succeeded, 2 failed."""
     bdom: str | None
@@ -192,6 +193,19 @@ SCHEDULED_WORDS = LegacyWords(
     gandi="SCHEDULED", gocept="Scheduled", xenapi="pending", cloudstack=0, bdom=None
 )
 """How a ScheduledTask that has not fired yet looks to legacy clients."""
+
+
+CANCELLING_WORDS: Mapping[Dialect, str] = {Dialect.XENAPI: "cancelling"}
+"""The word of an unfinished Operation whose cancel was asked for (``spec.cancel``) and
+not yet acted on, in the dialects that have one (XenAPI's task ``status``); the other
+dialects show the state's own word until the controller cancels."""
+
+
+def legacy_status(state: State, dialect: Dialect, *, cancel_requested: bool) -> str | int:
+    """The word ``dialect`` uses for ``state``, given whether a cancel is pending."""
+    if cancel_requested and state not in TERMINAL and dialect in CANCELLING_WORDS:
+        return CANCELLING_WORDS[dialect]
+    return legacy(state, dialect)
 
 
 def legacy(state: State, dialect: Dialect) -> str | int:

@@ -221,6 +221,17 @@ class FixedKey:
 _UNKNOWN = "unknown session; log in again"
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Session:
+    """What a valid session token says."""
+
+    identity: Identity
+    expires: float
+    """Wall-clock expiry (POSIX seconds)."""
+    nonce: str
+    """The token's random part: names this one session (XenAPI's logout revokes it)."""
+
+
 class Sessions:
     """Login sessions as signed, expiring tokens (``<payload>.<mac>``, both base64url).
 
@@ -263,11 +274,16 @@ class Sessions:
 
     async def resolve(self, token: str) -> Identity:
         """The caller behind a session, or :class:`errors.Unauthenticated`."""
+        return (await self.verify(token)).identity
+
+    async def verify(self, token: str) -> Session:
+        """The session a token stands for (caller, expiry, nonce), or
+        :class:`errors.Unauthenticated`."""
         payload, _, mac = token.partition(".")
         if not await self._signed(payload, mac):
             raise errors.Unauthenticated(_UNKNOWN)
         try:
-            key_hash, tenant, user_id, expires, _ = json.loads(_unb64(payload))
+            key_hash, tenant, user_id, expires, nonce = json.loads(_unb64(payload))
         except ValueError:
             # Signed by us yet unreadable: only a token format this version does not know.
             raise errors.Unauthenticated(_UNKNOWN) from None
@@ -276,7 +292,7 @@ class Sessions:
         identity = Identity(user_id=user_id, tenant=Tenant(tenant), key_hash=KeyHash(key_hash))
         if not self._keyring.valid(identity):
             raise errors.Unauthenticated("the API key of this session was revoked")
-        return identity
+        return Session(identity=identity, expires=float(expires), nonce=str(nonce))
 
     async def _signed(self, payload: str, mac: str) -> bool:
         try:

@@ -39,7 +39,7 @@ import datetime
 import logging
 import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from typing import Any, Generic, NewType, TypeVar
+from typing import Any, Generic, NewType, Protocol, TypeVar
 
 from opkeeper import GROUP, kube, states
 
@@ -76,17 +76,27 @@ def _id_of(obj: Mapping[str, Any]) -> OpId | None:
     return OpId(number) if number is not None and number > 0 else None
 
 
-KEPT_ANNOTATIONS = frozenset({"opkeeper.dev/created-by-user"})
-"""The annotations a cached entry keeps (the others can be large and no read needs them):
-the user whose call created it (CloudStack's ``userid``)."""
+NAME_LABEL_ANNOTATION = f"{GROUP}/name-label"
+"""A short human-readable name of an Operation (XenAPI's task ``name_label``), stored as an
+annotation so that every dialect and ``kubectl`` see it without a CRD change."""
+NAME_DESCRIPTION_ANNOTATION = f"{GROUP}/name-description"
+"""A longer human-readable note on an Operation (XenAPI's task ``name_description``)."""
+CREATED_BY_USER_ANNOTATION = "opkeeper.dev/created-by-user"
+"""The user whose call created the Operation (CloudStack's ``userid``)."""
+KEPT_ANNOTATIONS = frozenset(
+    {NAME_LABEL_ANNOTATION, NAME_DESCRIPTION_ANNOTATION, CREATED_BY_USER_ANNOTATION}
+)
+"""The annotations entries keep (all others are dropped: they can be large, no read needs
+them)."""
 
 
 def _strip(meta: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in meta.items() if k not in ("managedFields", "annotations")}
-    kept = {k: v for k, v in (meta.get("annotations") or {}).items() if k in KEPT_ANNOTATIONS}
+    stripped = {k: v for k, v in meta.items() if k not in ("managedFields", "annotations")}
+    annotations = meta.get("annotations") or {}
+    kept = {k: v for k, v in annotations.items() if k in KEPT_ANNOTATIONS}
     if kept:
-        out["annotations"] = kept
-    return out
+        stripped["annotations"] = kept
+    return stripped
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -209,6 +219,19 @@ class TaskEntry:
 
 
 E = TypeVar("E", OperationEntry, TaskEntry)
+E_contra = TypeVar("E_contra", OperationEntry, TaskEntry, contravariant=True)
+
+
+class Observer(Protocol[E_contra]):
+    """Told of every change the watch brings (the XenAPI event feed keeps its own
+    per-tenant change log from this)."""
+
+    def changed(self, *, old: E_contra | None, new: E_contra | None, version: int) -> None:
+        """One object changed: added (``old`` None), modified, or deleted (``new`` None);
+        ``version`` is the resourceVersion of the change."""
+
+    def reloaded(self) -> None:
+        """Everything was replaced by a fresh list: changes in between are unknown."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -250,6 +273,8 @@ class _Table(Generic[E]):
         """The highest resourceVersion the watch has brought. One watch delivers a kind's
         changes in resourceVersion order, so every change up to this version is in."""
         self._waiters: list[_Waiter[E]] = []
+        self.observers: list[Observer[E]] = []
+        """Told of every change after it is applied (see :class:`Observer`)."""
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -272,6 +297,8 @@ class _Table(Generic[E]):
             times.sort()
             self.ns_time_ids[ns] = [id_ for _, id_ in times]
         self.watched_version = newest
+        for observer in self.observers:
+            observer.reloaded()
         self._wake()
 
     def apply(self, *, event: str, obj: Mapping[str, Any]) -> None:
@@ -281,11 +308,15 @@ class _Table(Generic[E]):
         old = self.by_key.pop(key, None)
         if old is not None:
             self._unindex(old)
+        entry = None
         if event != "DELETED":
             entry = self._build(obj)
             self.by_key[key] = entry
             self._index(entry, bulk=False)
-        self.watched_version = max(self.watched_version, kube.resource_version_of(obj))
+        version = kube.resource_version_of(obj)
+        self.watched_version = max(self.watched_version, version)
+        for observer in self.observers:
+            observer.changed(old=old, new=entry, version=version)
         if self._waiters:
             self._wake()
 

@@ -58,11 +58,13 @@ from opkeeper.gateway import (
     dialects,
     faults,
     kubeio,
+    revocations,
     rpc,
     service,
+    xenevents,
     xmlrpc,
 )
-from opkeeper.gateway.dialects import bdom, cloudstack
+from opkeeper.gateway.dialects import bdom, cloudstack, xenapi
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ class Settings:
     """Gateway processes sharing the port (default 1); above one, each binds it with
     ``SO_REUSEPORT`` and keeps its own watches and cache (N watches, N times the
     cache memory)."""
+    xenapi: xenapi.Settings = dataclasses.field(default_factory=xenapi.Settings)
+    """The XenAPI dialect's bounds (event.from waiters, logged-out sessions kept)."""
     aggregated: aggregated.Settings | None = None
     """The aggregated API's TLS listener (:mod:`opkeeper.gateway.aggregated`); None
     (the default) serves no aggregated API."""
@@ -288,7 +292,26 @@ class Gateway:
             keyring=self.keyring,
             on_log_failure=self.metrics.call_log_failures.inc,
         )
+        self.revocations = revocations.Revocations(
+            kube_client=kubeio.Upstream(kube_client),
+            namespace=settings.keyring.namespace or settings.system_namespace,
+            settings=settings.xenapi.revocations,
+        )
+        self.task_feed = xenevents.TaskFeed(
+            operations=self.operations, settings=settings.xenapi.events
+        )
+        self.xenapi_endpoint = xenapi.Endpoint(
+            svc=self.service,
+            sessions=self.sessions,
+            keyring=self.keyring,
+            revoked=self.revocations,
+            feed=self.task_feed,
+            settings=settings.xenapi,
+            limits=settings.limits,
+            on_log_failure=self.metrics.call_log_failures.inc,
+        )
         self.synced = {name: asyncio.Event() for name in ("operations", "scheduledtasks", "keys")}
+        self.synced["revocations"] = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.aggregated = (
             None
@@ -321,6 +344,14 @@ class Gateway:
                     label_selector=auth.LABEL,
                 ),
                 self.keyring,
+            ),
+            "revocations": (
+                self.kube.stream(
+                    kube.CONFIGMAPS,
+                    namespace=self.revocations.namespace,
+                    label_selector=revocations.LABEL,
+                ),
+                self.revocations,
             ),
         }
         for name, (stream, target) in feeds.items():
@@ -384,6 +415,30 @@ class Gateway:
         if close:
             # The rest of an oversized body was never read: the connection cannot be reused.
             response.force_close()
+        return response
+
+    async def xenapi(self, request: web.Request) -> web.StreamResponse:
+        """``POST /xenapi``: every answer, errors included, is HTTP 200 with the XenAPI
+        envelope (:mod:`.dialects.xenapi`)."""
+        started = time.perf_counter()
+        body_or_error = await self._read_body(request)
+        outcome = await self.xenapi_endpoint.handle(
+            body=body_or_error,
+            request=rpc.Request(
+                address=request.remote or "",
+                authorization=None,
+                now=datetime.datetime.now(datetime.UTC),
+            ),
+        )
+        self.metrics.record(
+            dialect=outcome.dialect,
+            method=outcome.method,
+            outcome="ok" if outcome.fault is None else outcome.fault.name,
+            seconds=time.perf_counter() - started,
+        )
+        response = web.Response(body=outcome.body, content_type=XML, charset="utf-8")
+        if isinstance(body_or_error, Exception):
+            response.force_close()  # the rest of the body was never read
         return response
 
     async def cloudstack_api(self, request: web.Request) -> web.StreamResponse:
@@ -510,6 +565,7 @@ class Gateway:
                 # Any path under /bdom/, newlines included (a decoded %0A), so that every
                 # malformed BDOM path gets the dialect's XML error, never aiohttp's 404.
                 web.route("*", "/bdom/{tail:[\\s\\S]*}", self.bdom_task),
+                web.post("/xenapi", self.xenapi),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.prometheus),

@@ -188,7 +188,7 @@ class _Step:
     """The object as the API server returned it."""
 
 
-WriteKind = Literal["create", "relaunch", "cancel", "apply"]
+WriteKind = Literal["create", "relaunch", "cancel", "apply", "annotate", "destroy"]
 """The writes whose visibility is waited for (the label of the not-visible metric)."""
 
 Shown = Callable[[], Awaitable[None]]
@@ -326,8 +326,12 @@ class Service:
         type_: str,
         params: Mapping[str, Any],
         object_: Mapping[str, Any] | None,
+        annotations: Mapping[str, str] | None = None,
     ) -> cache.OpId:
-        """Create an Operation named ``op-<id>`` with the type's configured executor."""
+        """Create an Operation named ``op-<id>`` with the type's configured executor
+        (and ``annotations``: only :data:`.cache.KEPT_ANNOTATIONS`, e.g. XenAPI's name
+        label and description)."""
+        extra = _kept_annotations(annotations or {})
         try:
             spec = models.OperationSpec.model_validate(
                 {
@@ -350,6 +354,7 @@ class Service:
                 "namespace": who.tenant,
                 "labels": {**stamp.labels, "app.kubernetes.io/created-by": "opkeeper-gateway"},
                 "annotations": {
+                    **extra,
                     **stamp.annotations,
                     "opkeeper.dev/created-by-user": who.user_id,
                 },
@@ -407,6 +412,59 @@ class Service:
             write="cancel",
             plan=plan,
             acted=lambda op: _finished(uid=op.uid),
+        )
+
+    async def annotate(
+        self, *, who: auth.Identity, id_: cache.OpId, annotations: Mapping[str, str]
+    ) -> None:
+        """Set annotations of :data:`.cache.KEPT_ANNOTATIONS` on an operation in any state
+        (a merge patch: nothing else changes, so no version condition is needed); answers
+        once the next read shows them."""
+        patch = {"metadata": {"annotations": _kept_annotations(annotations)}}
+        entry = self.operations.get_id(who.tenant, id_) or await self._fetch_id(who=who, id_=id_)
+        try:
+            updated = await self._kube.patch(
+                kube.OPERATIONS, name=entry.name, namespace=entry.namespace, body=patch
+            )
+        except errors.NotFound:
+            raise errors.NotFound(f"operation {id_} not found") from None
+        await self._until_visible(
+            write="annotate",
+            subject=f"{entry.namespace}/{entry.name}",
+            waits=[self._shown_operation(updated)],
+        )
+
+    async def destroy(self, *, who: auth.Identity, id_: cache.OpId) -> None:
+        """Delete a finished operation (an unfinished one must be cancelled first, so no
+        work runs on without a record); answers once the next read no longer shows it."""
+        entry = self.operations.get_id(who.tenant, id_) or await self._fetch_id(who=who, id_=id_)
+        if not states.is_terminal(entry.state):
+            entry = await self._fetch(entry, id_=id_)  # the cache may lag behind
+            if not states.is_terminal(entry.state):
+                raise errors.IllegalTransition(
+                    f"operation {id_} is not finished ({entry.state.value}); cancel it first"
+                )
+        try:
+            await self._kube.delete(
+                kube.OPERATIONS, name=entry.name, namespace=entry.namespace, uid=entry.uid
+            )
+        except errors.NotFound:
+            raise errors.NotFound(f"operation {id_} not found") from None
+        except errors.Conflict:
+            # The uid precondition failed: the name now holds another operation.
+            raise errors.NotFound(f"operation {id_} not found") from None
+        await self._until_visible(
+            write="destroy",
+            subject=f"{entry.namespace}/{entry.name}",
+            waits=[
+                functools.partial(
+                    self.operations.wait,
+                    entry.namespace,
+                    entry.name,
+                    version=kube.resource_version_of({"metadata": entry.metadata}),
+                    holds=_gone(uid=entry.uid),
+                )
+            ],
         )
 
     async def _conditional_patch(
@@ -1006,6 +1064,25 @@ def _finished(*, uid: str) -> Callable[[cache.OperationEntry | None], bool]:
         return entry is None or entry.uid != uid or states.is_terminal(entry.state)
 
     return holds
+
+
+def _kept_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
+    """Only the annotations a legacy caller may set (:data:`.cache.KEPT_ANNOTATIONS`),
+    each bounded: they live in etcd and in every watcher's cache."""
+    out: dict[str, str] = {}
+    for key, value in annotations.items():
+        if key not in cache.KEPT_ANNOTATIONS:
+            raise errors.InvalidArgument(f"annotation {names.shown(key)} cannot be set")
+        if len(value.encode("utf-8")) > ANNOTATION_MAX_BYTES:
+            raise errors.InvalidArgument(
+                f"{key}: at most {ANNOTATION_MAX_BYTES} bytes (UTF-8) are stored"
+            )
+        out[key] = value
+    return out
+
+
+ANNOTATION_MAX_BYTES = 4096
+"""Longest name label or description a legacy caller may store, in UTF-8 bytes."""
 
 
 def _resource(type_: records.RecordType) -> kube.Resource:

@@ -1,0 +1,204 @@
+"""The XenAPI dialect's pure parts, without a cluster: the failure table against
+docs/faults.md, the revocation plan, the task feed's change log and waiters, the record."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import inspect
+import pathlib
+import re
+import uuid
+from typing import Any
+
+import pytest
+
+from opkeeper import errors, names, states
+from opkeeper.gateway import cache, revocations, xenevents, xenfaults
+from opkeeper.gateway import xmlrpc as codec
+from opkeeper.gateway.dialects import xenapi
+
+DOC = pathlib.Path(__file__).parent.parent / "docs" / "faults.md"
+
+
+def test_every_code_is_documented_and_every_documented_code_exists() -> None:
+    section = DOC.read_text().split("## XenAPI failures", 1)[1]
+    documented = re.findall(r"^\| `([A-Z_]+)` \|", section, flags=re.MULTILINE)
+    assert sorted(documented) == xenfaults.codes()
+
+
+def test_every_error_class_has_a_planned_code() -> None:
+    classes = {
+        cls
+        for module in (errors, codec, names, xenfaults)
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, errors.OpkeeperError) and cls.__module__ == module.__name__
+    }
+    ctx = xenfaults.Context(method="task.get_record", session="OpaqueRef:s", ref="OpaqueRef:r")
+    for cls in classes:
+        row = xenfaults.row_for(cls.__new__(cls), ctx)
+        assert row is not xenfaults.INTERNAL, cls
+    assert xenfaults.row_for(errors.Unauthenticated("x"), ctx).code == "SESSION_INVALID"
+    login = xenfaults.Context(method="session.login_with_password", user="alice")
+    assert xenfaults.description(errors.Unauthenticated("unknown API key"), login) == [
+        "SESSION_AUTHENTICATION_FAILED",
+        "alice",
+        "unknown API key",
+    ]
+    assert xenfaults.description(errors.NotFound("gone"), ctx) == [
+        "HANDLE_INVALID",
+        "task",
+        "OpaqueRef:r",
+    ]
+
+
+def test_unplanned_errors_show_an_incident_and_long_params_are_cut() -> None:
+    ctx = xenfaults.Context(method="task.get_all")
+    code, text = xenfaults.description(KeyError("secret detail"), ctx)
+    assert code == "INTERNAL_ERROR"
+    assert "incident" in text
+    assert "secret" not in text
+    [_, cut] = xenfaults.description(xenfaults.MethodUnknown("m" * 5000), ctx)
+    assert len(cut) < 600
+
+
+def test_a_logout_adds_its_nonce_and_prunes_expired_entries_within_the_cap() -> None:
+    revoked = {"old": 10.0, "live": 200.0}
+    assert revocations.plan(
+        revoked=revoked, nonce="new", expires=300.0, now=100.0, max_entries=10
+    ) == {"old": None, "new": "300.0"}
+    with pytest.raises(errors.Unavailable):
+        revocations.plan(revoked=revoked, nonce="new", expires=300.0, now=5.0, max_entries=2)
+    # Logging out twice is not refused by a full list.
+    assert revocations.plan(revoked=revoked, nonce="live", expires=200.0, now=5.0, max_entries=2)
+    assert revocations.parse({"a": "1.5", "b": "soon"}) == {"a": 1.5}
+
+
+def _op(
+    name: str, *, id_: int, rv: int, state: str = "Running", ns: str = "t", **extra: Any
+) -> Any:
+    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{ns}/{name}"))
+    return {
+        "metadata": {
+            "namespace": ns,
+            "name": name,
+            "uid": uid,
+            "resourceVersion": str(rv),
+            "labels": {cache.ID_LABEL: str(id_)},
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            **extra.pop("metadata", {}),
+        },
+        "spec": {"type": "t", **extra.pop("spec", {})},
+        "status": {"state": state, **extra},
+    }
+
+
+def test_the_feed_logs_changes_per_tenant_coalesces_and_detects_gaps() -> None:
+    ops = cache.OperationCache()
+    feed = xenevents.TaskFeed(operations=ops, settings=xenevents.Settings(max_changes_per_tenant=3))
+    ops.reset([])
+    ops.apply(event="ADDED", obj=_op("a", id_=1, rv=10))
+    ops.apply(event="ADDED", obj=_op("b", id_=2, rv=11, ns="other"))
+    ops.apply(event="MODIFIED", obj=_op("a", id_=1, rv=12, state="Succeeded"))
+    changes = feed.since("t", 0)
+    assert changes is not None
+    assert [(c.operation, c.version) for c in changes] == [("add", 10), ("mod", 12)]
+    assert feed.since("t", 12) == []
+    assert feed.since("other", 10) is not None
+    events = xenapi._coalesced(changes)
+    assert [(e["operation"], e["snapshot"]["status"]) for e in events] == [("add", "success")]
+    ops.apply(event="DELETED", obj=_op("a", id_=1, rv=13, state="Succeeded"))
+    assert xenapi._coalesced(feed.since("t", 0) or []) == []  # added and gone: nothing
+    assert [c.operation for c in feed.since("t", 12) or []] == ["del"]
+    ops.apply(event="ADDED", obj=_op("c", id_=3, rv=14))
+    ops.apply(event="MODIFIED", obj=_op("c", id_=3, rv=15))
+    assert feed.since("t", 9) is None  # the first change is no longer kept
+    ops.reset([_op("c", id_=3, rv=15)])
+    assert feed.since("t", 14) is None  # a relist: changes in between are unknown
+    assert feed.task("t", ops.get("t", "c").uid) is not None  # type: ignore[union-attr]
+    assert feed.task("other", ops.get("t", "c").uid) is None  # type: ignore[union-attr]
+
+
+def test_waiters_wake_on_their_tenants_change_and_are_bounded() -> None:
+    async def scenario() -> None:
+        ops = cache.OperationCache()
+        feed = xenevents.TaskFeed(
+            operations=ops, settings=xenevents.Settings(max_waiters_per_tenant=2)
+        )
+        ops.reset([])
+        first = asyncio.create_task(feed.wait("t", token=0, seconds=30))
+        second = asyncio.create_task(feed.wait("t", token=0, seconds=30))
+        other = asyncio.create_task(feed.wait("u", token=0, seconds=0.05))
+        # One turn of the loop (a yield, not a delay): each new task runs until it waits.
+        await asyncio.sleep(0)
+        assert feed.waiting() == 3
+        with pytest.raises(errors.Forbidden):
+            await feed.wait("t", token=0, seconds=30)
+        ops.apply(event="ADDED", obj=_op("a", id_=1, rv=5))
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        await other  # not woken by another tenant's change: its own timeout ends it
+        assert feed.waiting() == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_record_has_the_seeds_types_and_the_vocabulary_words() -> None:
+    now = "2026-01-01T00:05:00Z"
+    running = cache.OperationEntry.from_object(_op("r", id_=1, rv=1, progress=40))
+    done = cache.OperationEntry.from_object(
+        _op("d", id_=2, rv=2, state="Succeeded", finishedAt=now, result={"k": "v"})
+    )
+    failed = cache.OperationEntry.from_object(
+        _op("f", id_=3, rv=3, state="FailedExternal", finishedAt=now, errorCode=7)
+    )
+    cancelling = cache.OperationEntry.from_object(
+        _op(
+            "c",
+            id_=4,
+            rv=4,
+            spec={"cancel": True},
+            metadata={"annotations": {cache.NAME_LABEL_ANNOTATION: "Zürich"}},
+        )
+    )
+    r, d, f, c = map(xenapi.task_record, (running, done, failed, cancelling))
+    assert (r["status"], r["progress"], r["error_info"], r["eta"].year) == ("pending", 40, [], 1970)
+    assert (d["status"], d["progress"], d["error_code"], d["result"]) == (
+        "success",
+        100,
+        0,
+        '{"k": "v"}',
+    )
+    assert d["eta"] == d["finished"] == datetime.datetime(2026, 1, 1, 0, 5, tzinfo=datetime.UTC)
+    assert (f["status"], f["error_code"], f["error_info"]) == ("failure", 7, ["FailedExternal"])
+    assert (c["status"], c["allowed_operations"], c["name_label"]) == ("cancelling", [], "Zürich")
+    assert (
+        states.legacy_status(states.State.CANCELLED, states.Dialect.XENAPI, cancel_requested=True)
+        == "cancelled"
+    )
+    assert (
+        states.legacy_status(states.State.RUNNING, states.Dialect.GANDI, cancel_requested=True)
+        == "RUN"
+    )
+    codec.encode_response(xenapi._envelope(r))  # standard types only
+
+
+def test_answers_with_every_task_are_bounded() -> None:
+    ops = cache.OperationCache()
+    feed = xenevents.TaskFeed(operations=ops, settings=xenevents.Settings())
+    ops.reset([_op(f"op-{i}", id_=i, rv=i) for i in range(1, 4)])
+    none: Any = None
+    endpoint = xenapi.Endpoint(
+        svc=none,
+        sessions=none,
+        keyring=none,
+        revoked=none,
+        feed=feed,
+        settings=xenapi.Settings(max_records=3),
+    )
+    xenapi._check_records(endpoint, "t", "task.get_all_records")  # 3 tasks: within
+    endpoint.settings = xenapi.Settings(max_records=2)
+    with pytest.raises(errors.Forbidden, match=r"task\.get_record"):
+        xenapi._check_records(endpoint, "t", "task.get_all_records")
+    assert xenfaults.row_for(errors.Forbidden("x"), xenfaults.Context(method="")).code == (
+        "OPERATION_NOT_ALLOWED"
+    )
