@@ -25,6 +25,7 @@ import cs
 import kubernetes
 import prometheus_client.parser
 import pytest
+import XenAPI
 import yaml
 
 from opkeeper import localcluster
@@ -498,8 +499,8 @@ def _scenario(
         applied = gocept.apply([{"__type__": "operation", "name": "via-gocept", "type": "t"}])
         assert applied[0]["name"] == "via-gocept"
         assert any(e["method"] == "apply" for e in gocept.log(0))
-        # BDOM schedules (a ScheduledTask with a sealed id), CloudStack signs with a key
-        # derived from the shared master key.
+        # BDOM schedules (a ScheduledTask with a sealed id), XenAPI logs out (a shared
+        # revocation), CloudStack signs with a key derived from the shared master key.
         tomorrow = _in_seconds(86400)[:10]
         created = urllib.request.urlopen(
             urllib.request.Request(
@@ -516,6 +517,10 @@ def _scenario(
             timeout=30,
         )
         assert created.status == 200
+        xen = XenAPI.Session(f"http://127.0.0.1:{port}/xenapi")
+        xen.xenapi.login_with_password("demo", minted["apiKey"], "2.21", "chart-test")
+        assert len(xen.xenapi.task.get_all()) >= 4
+        xen.xenapi.session.logout()  # the revocation ConfigMap in the key namespace
         stack = cs.CloudStack(
             endpoint=f"http://127.0.0.1:{port}/client/api",
             key=minted["cloudstack"]["apiKey"],

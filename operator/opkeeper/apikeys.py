@@ -15,7 +15,6 @@ from the calls to the API server, so they are tested without one.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import functools
 import re
@@ -114,16 +113,6 @@ class ApiKey:
         }
 
 
-def _field(secret: Mapping[str, Any], field: str) -> str | None:
-    raw = (secret.get("data") or {}).get(field)
-    if not isinstance(raw, str):
-        return None
-    try:
-        return base64.b64decode(raw, validate=True).decode("utf-8").strip()
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-
-
 def parse(secret: Mapping[str, Any]) -> ApiKey | None:
     """The key record of a Secret as the API server returns it, or None if it is not an
     API key Secret (no label) or lacks a field the gateway needs (the gateway ignores it
@@ -131,8 +120,8 @@ def parse(secret: Mapping[str, Any]) -> ApiKey | None:
     meta = secret.get("metadata") or {}
     if auth.LABEL not in (meta.get("labels") or {}):
         return None
-    tenant, user = _field(secret, "namespace"), _field(secret, "userId")
-    if not tenant or not user or not _field(secret, "keyHash"):
+    tenant, user = auth.secret_field(secret, "namespace"), auth.secret_field(secret, "userId")
+    if not tenant or not user or not auth.secret_field(secret, "keyHash"):
         return None
     return ApiKey(
         name=str(meta.get("name")),

@@ -88,7 +88,8 @@ def key_secret(*, name: str, namespace: str, key: str, user_id: str, tenant: str
     }
 
 
-def _data(secret: Mapping[str, Any], field: str) -> str | None:
+def secret_field(secret: Mapping[str, Any], field: str) -> str | None:
+    """A text field of a Secret as the API server returns it (base64), or None."""
     raw = (secret.get("data") or {}).get(field)
     if not isinstance(raw, str):
         return None
@@ -119,9 +120,9 @@ class KeyRing:
     def _parse(self, secret: Mapping[str, Any]) -> Identity | None:
         meta = secret.get("metadata") or {}
         where = f"{meta.get('namespace')}/{meta.get('name')}"
-        key_hash = _data(secret, "keyHash")
-        user_id = _data(secret, "userId")
-        tenant = _data(secret, "namespace")
+        key_hash = secret_field(secret, "keyHash")
+        user_id = secret_field(secret, "userId")
+        tenant = secret_field(secret, "namespace")
         if key_hash is None or not _HASH.match(key_hash) or not user_id or not tenant:
             log.warning(
                 "API key Secret %s ignored: needs keyHash (sha256:<hex>), userId, namespace", where

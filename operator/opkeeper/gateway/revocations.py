@@ -24,9 +24,10 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from opkeeper import GROUP, errors, kube
+from opkeeper.gateway import service
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +45,6 @@ class Settings:
     """Most unexpired revocations kept (default 20,000: about 0.7 MiB, below the 1 MiB
     limit of a ConfigMap). A logout beyond it is refused (the session then simply
     lives until its expiry) rather than silently not revoked."""
-
-
-class Kube(Protocol):
-    """The writes a logout makes (:class:`.kubeio.Upstream`)."""
-
-    async def create(
-        self,
-        resource: kube.Resource,
-        body: dict[str, Any],
-        *,
-        namespace: str | None = None,
-        dry_run: bool = False,
-    ) -> dict[str, Any]: ...
-
-    async def patch(
-        self,
-        resource: kube.Resource,
-        *,
-        name: str,
-        body: Any,
-        namespace: str | None = None,
-        patch_type: kube.PatchType = "merge",
-        subresource: str | None = None,
-        force: bool = False,
-    ) -> dict[str, Any]: ...
 
 
 def parse(data: Mapping[str, Any]) -> dict[str, float]:
@@ -106,7 +82,7 @@ class Revocations:
     def __init__(
         self,
         *,
-        kube_client: Kube,
+        kube_client: service.Kube,
         namespace: str,
         settings: Settings,
         clock: Callable[[], float] = time.time,

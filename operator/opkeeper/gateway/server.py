@@ -394,7 +394,6 @@ class Gateway:
         if isinstance(body_or_error, Exception):
             fault, encoded = faults.XMLRPC.encode(body_or_error)
             outcome = rpc.Outcome(body=encoded, dialect="none", method="unknown", fault=fault)
-            close = True
         else:
             outcome = await self.dispatcher.handle(
                 body=body_or_error,
@@ -404,16 +403,31 @@ class Gateway:
                     now=datetime.datetime.now(datetime.UTC),
                 ),
             )
-            close = False
-        self.metrics.record(
+        return self._finish(
+            web.Response(body=outcome.body, content_type=XML, charset="utf-8"),
+            body=body_or_error,
             dialect=outcome.dialect,
             method=outcome.method,
             outcome="ok" if outcome.fault is None else outcome.fault.name,
-            seconds=time.perf_counter() - started,
+            started=started,
         )
-        response = web.Response(body=outcome.body, content_type=XML, charset="utf-8")
-        if close:
-            # The rest of an oversized body was never read: the connection cannot be reused.
+
+    def _finish(
+        self,
+        response: web.Response,
+        *,
+        body: bytes | Exception,
+        dialect: str,
+        method: str,
+        outcome: str,
+        started: float,
+    ) -> web.Response:
+        """Count and time the call; a body left unread (too large, too slow) means the
+        connection cannot be reused."""
+        self.metrics.record(
+            dialect=dialect, method=method, outcome=outcome, seconds=time.perf_counter() - started
+        )
+        if isinstance(body, Exception):
             response.force_close()
         return response
 
@@ -430,16 +444,14 @@ class Gateway:
                 now=datetime.datetime.now(datetime.UTC),
             ),
         )
-        self.metrics.record(
+        return self._finish(
+            web.Response(body=outcome.body, content_type=XML, charset="utf-8"),
+            body=body_or_error,
             dialect=outcome.dialect,
             method=outcome.method,
             outcome="ok" if outcome.fault is None else outcome.fault.name,
-            seconds=time.perf_counter() - started,
+            started=started,
         )
-        response = web.Response(body=outcome.body, content_type=XML, charset="utf-8")
-        if isinstance(body_or_error, Exception):
-            response.force_close()  # the rest of the body was never read
-        return response
 
     async def cloudstack_api(self, request: web.Request) -> web.StreamResponse:
         """``/client/api``: the query string, and for a POST the form body (read within
@@ -455,21 +467,19 @@ class Gateway:
             address=request.remote or "",
             now=datetime.datetime.now(datetime.UTC),
         )
-        self.metrics.record(
+        return self._finish(
+            web.Response(
+                status=answer.status,
+                body=answer.body,
+                content_type=answer.content_type,
+                charset="utf-8",
+            ),
+            body=body,
             dialect=cloudstack.DIALECT.value,
             method=answer.command,
             outcome=answer.outcome,
-            seconds=time.perf_counter() - started,
+            started=started,
         )
-        response = web.Response(
-            status=answer.status,
-            body=answer.body,
-            content_type=answer.content_type,
-            charset="utf-8",
-        )
-        if isinstance(body, Exception):
-            response.force_close()  # the rest of the body was never read
-        return response
 
     async def _read_body(
         self, request: web.Request, *, limit: int | None = None
@@ -513,23 +523,20 @@ class Gateway:
                 address=request.remote or "",
             )
         )
-        self.metrics.record(
+        return self._finish(
+            web.Response(
+                status=reply.status,
+                body=reply.body,
+                content_type=bdom.CONTENT_TYPE,
+                charset="utf-8",
+                headers=reply.headers,
+            ),
+            body=body,
             dialect=bdom.DIALECT.value,
             method=reply.opcode,
             outcome=reply.outcome,
-            seconds=time.perf_counter() - started,
+            started=started,
         )
-        response = web.Response(
-            status=reply.status,
-            body=reply.body,
-            content_type=bdom.CONTENT_TYPE,
-            charset="utf-8",
-            headers=reply.headers,
-        )
-        if isinstance(body, Exception):
-            # The rest of an oversized or slow body was never read: no reuse.
-            response.force_close()
-        return response
 
     async def healthz(self, request: web.Request) -> web.Response:
         dead = [t.get_name() for t in self._tasks if t.done()]

@@ -356,7 +356,7 @@ class Service:
                 "annotations": {
                     **extra,
                     **stamp.annotations,
-                    "opkeeper.dev/created-by-user": who.user_id,
+                    cache.CREATED_BY_USER_ANNOTATION: who.user_id,
                 },
             },
             "spec": spec.to_k8s(),
@@ -634,7 +634,7 @@ class Service:
                     **stamp.labels,
                     "app.kubernetes.io/created-by": "opkeeper-gateway",
                 },
-                "annotations": {**stamp.annotations, "opkeeper.dev/created-by-user": who.user_id},
+                "annotations": {**stamp.annotations, cache.CREATED_BY_USER_ANNOTATION: who.user_id},
             },
             "spec": spec.to_k8s(),
         }
@@ -854,7 +854,7 @@ class Service:
 
     async def _new_body(self, *, who: auth.Identity, parsed: records.Parsed, spec: Body) -> Body:
         labels = {"app.kubernetes.io/created-by": "opkeeper-gateway"}
-        annotations = {"opkeeper.dev/created-by-user": who.user_id}
+        annotations = {cache.CREATED_BY_USER_ANNOTATION: who.user_id}
         kind = "ScheduledTask"
         if parsed.type == "operation":
             kind = "Operation"

@@ -487,8 +487,6 @@ def error_reply(exc: Exception, *, as_json: bool, command: str) -> Reply:
 
 # --- jobs ---------------------------------------------------------------------------
 
-CREATED_BY_USER = "opkeeper.dev/created-by-user"
-"""The annotation naming the user whose call created an Operation (``userid``)."""
 _FAILURE_CODE = 530
 """``jobresultcode`` of a failed job that has no ``errorCode`` of its own (CloudStack's
 INTERNAL_ERROR, which its failed jobs carry too)."""
@@ -502,7 +500,7 @@ def job(entry: cache.OperationEntry, *, cmd: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "jobid": entry.id,
         "accountid": entry.namespace,
-        "userid": str(annotations.get(CREATED_BY_USER) or ""),
+        "userid": str(annotations.get(cache.CREATED_BY_USER_ANNOTATION) or ""),
         "cmd": cmd,
         "jobstatus": jobstatus,
         "jobprocstatus": _int(status.get("progress")),
