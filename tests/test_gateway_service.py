@@ -211,6 +211,7 @@ class MemoryCallLog(calllog.CallLog):
         exception: str,
         address: str,
         when: datetime.datetime,
+        user: str = "",
     ) -> calllog.Serial:
         log = self.entries.setdefault(tenant, [])
         serial = calllog.Serial(len(log) + 1)
@@ -223,6 +224,7 @@ class MemoryCallLog(calllog.CallLog):
                 result_json=result_json,
                 exception=exception,
                 address=address,
+                user=user,
             )
         )
         return serial

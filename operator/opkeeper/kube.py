@@ -431,6 +431,7 @@ class Client:
         namespace: str | None = None,
         label_selector: str | None = None,
         timeout_seconds: int = 300,
+        field_selector: str | None = None,
     ) -> AsyncIterator[tuple[str, Body]]:
         """Raw watch events (type, object) from ``resource_version``, bookmarks included.
 
@@ -444,6 +445,8 @@ class Client:
         }
         if label_selector:
             params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
         path = resource.path(namespace=namespace)
         timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)
         try:
@@ -477,6 +480,7 @@ class Client:
         namespace: str | None = None,
         label_selector: str | None = None,
         retry_delay: float = 1.0,
+        field_selector: str | None = None,
     ) -> AsyncIterator[WatchEvent]:
         """List, then watch forever: a ``SYNC`` after every (re)list, then single changes.
 
@@ -486,7 +490,10 @@ class Client:
         while True:
             try:
                 listed = await self.list(
-                    resource, namespace=namespace, label_selector=label_selector
+                    resource,
+                    namespace=namespace,
+                    label_selector=label_selector,
+                    field_selector=field_selector,
                 )
             except errors.Unavailable as exc:
                 logger.warning("list of %s failed, retrying: %s", resource.plural, exc)
@@ -501,6 +508,7 @@ class Client:
                         namespace=namespace,
                         label_selector=label_selector,
                         resource_version=version,
+                        field_selector=field_selector,
                     ):
                         version = obj.get("metadata", {}).get("resourceVersion", version)
                         change = _CHANGES.get(kind)

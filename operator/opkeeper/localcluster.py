@@ -14,6 +14,14 @@ Binaries are looked up in this order: the environment variables
 Everything listens on loopback only. The API server trusts a throw-away CA
 made per cluster; the generated kubeconfig embeds an admin client
 certificate (group ``system:masters``).
+
+Aggregated API servers work too: a front-proxy CA and client certificate
+(``pki/proxy-ca.*``, ``pki/proxy-client.*``), the ``--requestheader-*`` and
+``--proxy-client-*`` flags, and ``--enable-aggregator-routing`` (the API
+server proxies to an APIService's endpoint addresses: there is no kube-proxy
+to route a ClusterIP). ``controllers`` starts a kube-controller-manager with
+just those controllers (the aggregated API's tests run the namespace
+controller); it is built from the same Go module on first use.
 """
 
 from __future__ import annotations
@@ -104,10 +112,11 @@ def _go_build(
     partial.replace(output)
 
 
-def _build_kube_apiserver(output: pathlib.Path) -> None:
+def _kube_ldflags() -> str:
+    """Stripped, and stamped with the version (discovery and kubectl show it)."""
     major, minor = KUBE_VERSION.lstrip("v").split(".")[:2]
     prefix = "k8s.io/component-base/version"
-    ldflags = " ".join(
+    return " ".join(
         [
             "-s -w",
             f"-X {prefix}.gitVersion={KUBE_VERSION}",
@@ -115,12 +124,25 @@ def _build_kube_apiserver(output: pathlib.Path) -> None:
             f"-X {prefix}.gitMinor={minor}",
         ]
     )
+
+
+def _build_kube_apiserver(output: pathlib.Path) -> None:
     _go_build(
         module_dir=REPO_ROOT / "tools" / "kube",
         package="k8s.io/kubernetes/cmd/kube-apiserver",
         output=output,
         tags="selinux,notest",
-        ldflags=ldflags,
+        ldflags=_kube_ldflags(),
+    )
+
+
+def _build_kube_controller_manager(output: pathlib.Path) -> None:
+    _go_build(
+        module_dir=REPO_ROOT / "tools" / "kube",
+        package="k8s.io/kubernetes/cmd/kube-controller-manager",
+        output=output,
+        tags="selinux,notest",
+        ldflags=_kube_ldflags(),
     )
 
 
@@ -154,6 +176,23 @@ def find_binaries(*, build: bool = True) -> Binaries:
             if not api.exists():
                 _build_kube_apiserver(api)
     return Binaries(kube_apiserver=api, etcd=etcd)
+
+
+def find_controller_manager(*, build: bool = True) -> pathlib.Path:
+    """Locate (and on a cache miss, build) kube-controller-manager:
+    ``$OPKEEPER_KUBE_CONTROLLER_MANAGER``, else the cache."""
+    explicit = os.environ.get("OPKEEPER_KUBE_CONTROLLER_MANAGER")
+    if explicit:
+        return pathlib.Path(explicit)
+    root = cache_dir() / "bin"
+    kcm = root / f"kube-controller-manager-{KUBE_VERSION}" / "kube-controller-manager"
+    if build and not kcm.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not kcm.exists():
+                _build_kube_controller_manager(kcm)
+    return kcm
 
 
 def find_helm(*, build: bool = True) -> pathlib.Path:
@@ -340,6 +379,9 @@ class LocalCluster:
     """Seconds to wait for /readyz; generous because 2 cores start slowly."""
     detach: bool = False
     """Start the processes in their own session so they outlive the caller."""
+    controllers: tuple[str, ...] = ()
+    """kube-controller-manager controllers to run (e.g. ``namespace-controller``);
+    none by default, and then no kube-controller-manager is started."""
 
     server: str = ""
     kubeconfig: pathlib.Path = dataclasses.field(init=False)
@@ -409,6 +451,8 @@ class LocalCluster:
                     "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                     f"--proxy-client-cert-file={certs['proxy-client'].cert}",
                     f"--proxy-client-key-file={certs['proxy-client'].key}",
+                    # No kube-proxy routes ClusterIPs here: proxy to the endpoints.
+                    "--enable-aggregator-routing=true",
                     f"--cert-dir={self.state_dir / 'pki'}",
                     "--profiling=false",
                     "--v=1",
@@ -416,6 +460,19 @@ class LocalCluster:
             )
             self._write_kubeconfig(certs)
             self._wait_ready(certs)
+            if self.controllers:
+                self._spawn(
+                    "kube-controller-manager",
+                    [
+                        str(find_controller_manager()),
+                        f"--kubeconfig={self.kubeconfig}",
+                        f"--controllers={','.join(self.controllers)}",
+                        "--leader-elect=false",
+                        "--use-service-account-credentials=false",
+                        "--secure-port=0",
+                        "--v=1",
+                    ],
+                )
         except BaseException:
             self.stop()
             raise
@@ -679,6 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.action == "build":
             found = find_binaries()
             print(f"kube-apiserver: {found.kube_apiserver}\netcd: {found.etcd}")
+            print(f"kube-controller-manager: {find_controller_manager()}")
             print(f"helm: {find_helm()}")
         elif args.action == "up":
             print(up(args.state_dir).resolve())

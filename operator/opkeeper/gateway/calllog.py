@@ -140,6 +140,8 @@ class Entry:
     """The fault string when the call failed; empty otherwise."""
     address: str
     """The caller's IP address."""
+    user: str = ""
+    """Who called: the API key's user, or the Kubernetes user of an aggregated API call."""
 
 
 class CallLog(abc.ABC):
@@ -155,6 +157,7 @@ class CallLog(abc.ABC):
         exception: str = "",
         address: str = "",
         when: datetime.datetime | None = None,
+        user: str = "",
     ) -> Serial:
         """Log one call; returns its serial once the entry is durable and visible.
 
@@ -169,6 +172,7 @@ class CallLog(abc.ABC):
             exception=cap_text(exception),
             address=cap_text(address, limit=64),
             when=when or datetime.datetime.now(datetime.UTC),
+            user=cap_text(user, limit=256),
         )
 
     @abc.abstractmethod
@@ -182,6 +186,7 @@ class CallLog(abc.ABC):
         exception: str,
         address: str,
         when: datetime.datetime,
+        user: str,
     ) -> Serial:
         """Store one entry whose fields are already capped."""
 
@@ -212,6 +217,7 @@ CREATE TABLE IF NOT EXISTS calls (
     result TEXT NOT NULL,
     exception TEXT NOT NULL,
     address TEXT NOT NULL,
+    user TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, serial)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
@@ -226,14 +232,16 @@ _TAKE_SERIALS = (
     " ON CONFLICT (tenant) DO UPDATE SET last = last + excluded.last RETURNING last"
 )
 """Reserves the next n serials of a tenant (n is the second parameter); returns the last."""
+_ADD_USER = "ALTER TABLE calls ADD COLUMN user TEXT NOT NULL DEFAULT ''"
+"""Files made before the user column get it (their entries' user is empty)."""
 _INSERT = (
-    "INSERT INTO calls (tenant, serial, ts, method, args, result, exception, address)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO calls (tenant, serial, ts, method, args, result, exception, address, user)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_COLUMNS = "serial, ts, method, args, result, exception, address"
+_COLUMNS = "serial, ts, method, args, result, exception, address, user"
 
-_Row = tuple[str, float, str, str, str, str, str]
-"""tenant, ts, method, args, result, exception, address: one queued append."""
+_Row = tuple[str, float, str, str, str, str, str, str]
+"""tenant, ts, method, args, result, exception, address, user: one queued append."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -293,6 +301,8 @@ class SqliteCallLog(CallLog):
         # the last commits but never corrupts the file or reorders serials.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(_SCHEMA)
+        if "user" not in {row[1] for row in conn.execute("PRAGMA table_info(calls)")}:
+            conn.execute(_ADD_USER)
         self._write_conn = conn
 
     def _open_reader(self) -> None:
@@ -308,6 +318,7 @@ class SqliteCallLog(CallLog):
         exception: str,
         address: str,
         when: datetime.datetime,
+        user: str,
     ) -> Serial:
         if not self._accepting:
             raise RuntimeError("SqliteCallLog is not open")
@@ -315,7 +326,7 @@ class SqliteCallLog(CallLog):
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Serial] = loop.create_future()
         self._pending.append(
-            ((tenant, ts, method, args_json, result_json, exception, address), done)
+            ((tenant, ts, method, args_json, result_json, exception, address, user), done)
         )
         if self._idle.is_set():
             # Written at the end of this loop iteration, not now: every call answered in
@@ -369,8 +380,8 @@ class SqliteCallLog(CallLog):
             conn.executemany(
                 _INSERT,
                 [
-                    (tenant, serial, ts, method, args, result, exception, address)
-                    for (tenant, ts, method, args, result, exception, address), serial in zip(
+                    (tenant, serial, ts, method, args, result, exception, address, user)
+                    for (tenant, ts, method, args, result, exception, address, user), serial in zip(
                         rows, serials, strict=True
                     )
                 ],
@@ -404,6 +415,7 @@ class SqliteCallLog(CallLog):
                 result_json,
                 exception,
                 address,
+                user,
             ) in self._read_conn.execute(sql, args):
                 size += len(args_json) + len(result_json) + len(exception) + 200
                 if entries and size > PAGE_MAX_BYTES:
@@ -417,6 +429,7 @@ class SqliteCallLog(CallLog):
                         result_json=result_json,
                         exception=exception,
                         address=address,
+                        user=user,
                     )
                 )
             return entries[::-1] if reverse else entries

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 
 from opkeeper import logs
-from opkeeper.gateway import auth, calllog, server, service, xmlrpc
+from opkeeper.gateway import aggregated, auth, calllog, server, service, xmlrpc
 from opkeeper.gateway.dialects import cloudstack
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (default for other types: external)",
     )
     parser.add_argument(
+        "--aggregated-cert",
+        help="serving certificate (PEM) of the aggregated API rpc.opkeeper.dev; with"
+        " --aggregated-key it turns the aggregated API's TLS listener on (docs/aggregated-api.md)",
+    )
+    parser.add_argument("--aggregated-key", help="the serving certificate's private key (PEM)")
+    aggregated_defaults = aggregated.Settings(cert_file="", key_file="")
+    parser.add_argument(
+        "--aggregated-host",
+        default=aggregated_defaults.host,
+        help=f"aggregated API listen address (default {aggregated_defaults.host})",
+    )
+    parser.add_argument(
+        "--aggregated-port",
+        type=int,
+        default=aggregated_defaults.port,
+        help=f"aggregated API TLS port (default {aggregated_defaults.port})",
+    )
+    parser.add_argument(
         "--cloudstack-command",
         action="append",
         default=[],
@@ -132,6 +150,20 @@ def settings_from(args: argparse.Namespace) -> server.Settings:
         header_timeout_seconds=args.header_timeout,
         keepalive_timeout_seconds=args.keepalive_timeout,
         shutdown_timeout_seconds=args.shutdown_timeout,
+        aggregated=_aggregated_from(args),
+    )
+
+
+def _aggregated_from(args: argparse.Namespace) -> aggregated.Settings | None:
+    if not args.aggregated_cert and not args.aggregated_key:
+        return None
+    if not (args.aggregated_cert and args.aggregated_key):
+        raise SystemExit("opkeeper gateway: --aggregated-cert and --aggregated-key go together")
+    return aggregated.Settings(
+        cert_file=args.aggregated_cert,
+        key_file=args.aggregated_key,
+        host=args.aggregated_host,
+        port=args.aggregated_port,
     )
 
 

@@ -44,6 +44,10 @@ class Request:
     """The Authorization header, for the gocept dialect's Basic auth."""
     now: datetime.datetime
     """When the call arrived (eta is computed against it)."""
+    identity: auth.Identity | None = None
+    """A caller the transport already authenticated (the Kubernetes aggregation layer,
+    :mod:`opkeeper.gateway.aggregated`): the call's own credentials are then not asked
+    for; a Gandi session argument must still be a string and is ignored."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -79,6 +83,9 @@ class Encoded:
 
 
 Handler = Callable[["Dispatcher", Call], Awaitable[Any]]
+Admit = Callable[[str, Call], Awaitable[None]]
+"""A check run once the method is known and before its handler (the aggregated API's
+authorization); what it raises is not a fault: it leaves :meth:`Dispatcher.handle`."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,7 +121,7 @@ class Dispatcher:
         self.on_log_failure = on_log_failure
         """Called when the call log could not store an entry (a metric counts it)."""
 
-    async def handle(self, *, body: bytes, request: Request) -> Outcome:
+    async def handle(self, *, body: bytes, request: Request, admit: Admit | None = None) -> Outcome:
         try:
             call = xmlrpc.decode_call(body, limits=self.limits)
         except Exception as exc:
@@ -127,6 +134,8 @@ class Dispatcher:
             )
             return Outcome(body=encoded, dialect="none", method="unknown", fault=fault)
         state = Call(request=request, params=call.params)
+        if admit is not None:
+            await admit(call.method, state)
         try:
             result = await method.handler(self, state)
             encoded = result.body if isinstance(result, Encoded) else xmlrpc.encode_response(result)
@@ -161,6 +170,7 @@ class Dispatcher:
                 exception="" if fault is None else f"{fault.code}: {fault.message}",
                 address=call.request.address,
                 when=call.request.now,
+                user=call.identity.user_id,
             )
         except Exception:
             self.on_log_failure()
@@ -171,10 +181,16 @@ class Dispatcher:
     async def session_identity(self, call: Call, token: Any) -> auth.Identity:
         if not isinstance(token, str):
             raise xmlrpc.BadParams("the first argument is the session string from login()")
+        if call.request.identity is not None:
+            call.identity = call.request.identity
+            return call.identity
         call.identity = await self.sessions.resolve(token)
         return call.identity
 
     def basic_identity(self, call: Call) -> auth.Identity:
+        if call.request.identity is not None:
+            call.identity = call.request.identity
+            return call.identity
         header = call.request.authorization or ""
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic" or not encoded:

@@ -37,6 +37,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -50,6 +51,7 @@ from aiohttp import web
 
 from opkeeper import ids, keys, kube, logs
 from opkeeper.gateway import (
+    aggregated,
     auth,
     cache,
     calllog,
@@ -123,6 +125,9 @@ class Settings:
     cache memory)."""
     xenapi: xenapi.Settings = dataclasses.field(default_factory=xenapi.Settings)
     """The XenAPI dialect's bounds (event.from waiters, logged-out sessions kept)."""
+    aggregated: aggregated.Settings | None = None
+    """The aggregated API's TLS listener (:mod:`opkeeper.gateway.aggregated`); None
+    (the default) serves no aggregated API."""
 
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -308,6 +313,20 @@ class Gateway:
         self.synced = {name: asyncio.Event() for name in ("operations", "scheduledtasks", "keys")}
         self.synced["revocations"] = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.aggregated = (
+            None
+            if settings.aggregated is None
+            else aggregated.API(
+                settings=settings.aggregated,
+                dispatcher=self.dispatcher,
+                kube_client=kube_client,
+                read_body=self._read_body,
+                record=self.metrics.record,
+                ready=lambda: self.ready,
+            )
+        )
+        self.aggregated_port = 0
+        """The aggregated API's TLS port once it listens."""
 
     @property
     def ready(self) -> bool:
@@ -684,7 +703,7 @@ class _BoundedSite(web.BaseSite):
     """aiohttp's ``TCPSite``, listening with :meth:`Connections.protocols` (``TCPSite``
     hands ``loop.create_server`` the bare aiohttp server)."""
 
-    __slots__ = ("_connections", "_host", "_port", "_reuse_port", "_web_server")
+    __slots__ = ("_connections", "_host", "_port", "_reuse_port", "_ssl_context", "_web_server")
 
     def __init__(
         self,
@@ -694,6 +713,7 @@ class _BoundedSite(web.BaseSite):
         port: int,
         reuse_port: bool,
         connections: Connections,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(runner)  # refuses a runner whose setup() has not run
         assert runner.server is not None
@@ -702,11 +722,13 @@ class _BoundedSite(web.BaseSite):
         self._port = port
         self._reuse_port = reuse_port
         self._connections = connections
+        self._ssl_context = ssl_context
 
     @property
     def name(self) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._port}"
+        scheme = "http" if self._ssl_context is None else "https"
+        return f"{scheme}://{host}:{self._port}"
 
     async def start(self) -> None:
         await super().start()
@@ -717,6 +739,7 @@ class _BoundedSite(web.BaseSite):
             self._port,
             backlog=self._backlog,
             reuse_port=self._reuse_port,
+            ssl=self._ssl_context,
         )
 
 
@@ -779,12 +802,55 @@ async def running(
         await site.start()
         port = _bound_port(runner)
         log.info("gateway listening on %s:%d", settings.host, port)
-        yield gateway, port
+        async with _aggregated(gateway, settings=settings):
+            yield gateway, port
     finally:
         await runner.cleanup()
         await gateway.stop()
         if own_store:
             await store.close()
+
+
+@contextlib.asynccontextmanager
+async def _aggregated(gateway: Gateway, *, settings: Settings) -> AsyncIterator[None]:
+    """The aggregated API's TLS listener, when there is one, for the block's duration."""
+    api = gateway.aggregated
+    if api is None or settings.aggregated is None:
+        yield
+        return
+    runner = web.AppRunner(
+        api.app(
+            middlewares=(gateway.connections.middleware,),
+            client_max_size=settings.limits.max_body_bytes + 1,
+        ),
+        access_log=None,
+        keepalive_timeout=settings.keepalive_timeout_seconds,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
+        lingering_time=settings.lingering_seconds,
+    )
+    try:
+        await api.start()
+        await runner.setup()
+        site = _BoundedSite(
+            runner,
+            host=settings.aggregated.host,
+            port=settings.aggregated.port,
+            reuse_port=settings.workers > 1,
+            connections=gateway.connections,
+            ssl_context=api.trust.listener,
+        )
+        await site.start()
+        gateway.aggregated_port = _bound_port(runner)
+        log.info(
+            "aggregated API %s listening on %s:%d (TLS)",
+            aggregated.GROUP_VERSION,
+            settings.aggregated.host,
+            gateway.aggregated_port,
+        )
+        yield
+    finally:
+        await runner.cleanup()
+        await api.stop()
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -891,6 +891,7 @@ class Endpoint:
                 exception=exception,
                 address=request.address,
                 when=request.now,
+                user=who.user_id,
             )
         except Exception:
             self.on_log_failure()

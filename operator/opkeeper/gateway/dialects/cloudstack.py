@@ -773,6 +773,7 @@ class Api:
                 exception=exception,
                 address=address,
                 when=call.now,
+                user=call.who.user_id,
             )
         except Exception:
             self.on_log_failure()

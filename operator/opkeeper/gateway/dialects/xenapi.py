@@ -244,6 +244,7 @@ class Endpoint:
                 exception=exception,
                 address=call.request.address,
                 when=call.request.now,
+                user=call.identity.user_id,
             )
         except Exception:
             self.on_log_failure()

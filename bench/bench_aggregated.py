@@ -1,0 +1,359 @@
+"""Gandi ``operation_details`` through the Kubernetes aggregation layer vs. straight to the gateway.
+
+Both paths in the same run, against the same gateway process and the same
+operations: ``direct`` posts to the gateway's ``/xmlrpc`` with a Gandi session;
+``aggregated`` posts to kube-apiserver's
+``/apis/rpc.opkeeper.dev/v1alpha1/namespaces/bench/xmlrpc`` as a user with a
+client certificate, which kube-apiserver authenticates, authorizes (create
+xmlrpc) and proxies over TLS to the gateway, which checks the front proxy
+and asks a (cached) SubjectAccessReview; ``front_proxy_only`` sends the
+aggregated path's requests straight to the gateway's TLS port with a
+front-proxy certificate, so our part is measured without kube-apiserver's.
+The target: the aggregated path reaches at least half the direct rate; the
+added latency is the difference of the percentiles. The CPU per call of the
+gateway, kube-apiserver and the load generator says where the time goes.
+
+kube-apiserver will not proxy to loopback, so the script re-runs itself under
+``unshare -n`` (root) in a network namespace of its own, where the gateway
+listens on 192.0.2.10 (:mod:`opkeeper.netnscluster`). The load generator is
+bench_gateway.py's raw keep-alive HTTP client (plus TLS for kube-apiserver),
+one process, ``--concurrency`` connections per path.
+
+    sudo .venv/bin/python bench/bench_aggregated.py [--duration 10] [--operations 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import random
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import xmlrpc.client
+from typing import Any
+
+import bench_gateway  # bench/bench_gateway.py: the client and result types
+import common  # bench/common.py: the script's directory is on sys.path
+from opkeeper import localcluster, netnscluster
+from opkeeper.gateway import aggregated, auth
+
+IN_NETNS = "OPKEEPER_BENCH_IN_NETNS"
+"""Set in the re-run under ``unshare -n``."""
+USER = "bench-reader"
+KEY = "opk_bench-aggregated-key-not-secret"
+
+
+def request(*, host: str, path: str, body: bytes, extra: str = "") -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/xml\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+async def load(
+    *,
+    host: str,
+    port: int,
+    requests: list[bytes],
+    ssl_context: ssl.SSLContext | None,
+    duration: float,
+    concurrency: int,
+) -> bench_gateway.Result:
+    """``concurrency`` keep-alive connections, each sending a random request as soon as
+    the previous answer is in, for ``duration`` seconds; an answer that is not a 200
+    without ``<fault>`` counts as a fault."""
+    loop = asyncio.get_running_loop()
+    connections = []
+    for _ in range(concurrency):
+        _, protocol = await loop.create_connection(
+            bench_gateway._Connection, host, port, ssl=ssl_context
+        )
+        connections.append(protocol)
+    latencies: list[float] = []
+    faults = 0
+    deadline = time.perf_counter() + duration
+
+    async def worker(connection: bench_gateway._Connection, seed: int) -> None:
+        nonlocal faults
+        rnd = random.Random(seed)
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            status, payload = await connection.call(requests[rnd.randrange(len(requests))])
+            latencies.append(time.perf_counter() - t0)
+            if not status.startswith(b"HTTP/1.1 200 ") or b"<fault>" in payload:
+                faults += 1
+
+    cpu_before = time.process_time()
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(c, i) for i, c in enumerate(connections)))
+    seconds = time.perf_counter() - started
+    for connection in connections:
+        assert connection.transport is not None
+        connection.transport.close()
+    return bench_gateway.Result(
+        requests=len(latencies),
+        seconds=seconds,
+        latencies=latencies,
+        faults=faults,
+        client_cpu_seconds=time.process_time() - cpu_before,
+    )
+
+
+def prepare(env: netnscluster.Environment, *, operations: int) -> dict[str, Any]:
+    """Operations, an API key (direct path), and a user who may read them (aggregated)."""
+    created = asyncio.run(bench_gateway.create_operations(str(env.cluster.kubeconfig), operations))
+    env.apply(
+        [
+            auth.key_secret(
+                name="bench-key",
+                namespace=netnscluster.SYSTEM_NAMESPACE,
+                key=KEY,
+                user_id="bench",
+                tenant=bench_gateway.NAMESPACE,
+            ),
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "bench-reader", "namespace": bench_gateway.NAMESPACE},
+                "rules": [
+                    {"apiGroups": ["opkeeper.dev"], "resources": ["operations"], "verbs": ["get"]}
+                ],
+            },
+            _binding("RoleBinding", "bench-reader", bench_gateway.NAMESPACE),
+            _binding("ClusterRoleBinding", aggregated.CALLER_CLUSTER_ROLE, None),
+        ]
+    )
+    direct = xmlrpc.client.ServerProxy(
+        f"http://{netnscluster.ADDRESS}:{netnscluster.DIRECT_PORT}/xmlrpc"
+    )
+
+    def visible() -> bool:
+        # Every operation was created before this; the watch delivers them in order.
+        session = direct.login(KEY)
+        return all(direct.operation_details(session, i) for i in (1, operations))
+
+    netnscluster.wait_until("the gateway to see every operation", visible, timeout=120)
+    return {"session": direct.login(KEY), "create_seconds": round(created, 1)}
+
+
+def _binding(kind: str, role: str, namespace: str | None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": f"bench-{role}"}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": kind,
+        "metadata": metadata,
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role" if kind == "RoleBinding" else "ClusterRole",
+            "name": role,
+        },
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": USER}],
+    }
+
+
+def _ca(env: netnscluster.Environment, stem: str) -> netnscluster.Issued:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = serialization.load_pem_private_key((env.pki / f"{stem}.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    cert = x509.load_pem_x509_certificate((env.pki / f"{stem}.crt").read_bytes())
+    return netnscluster.Issued(cert=cert, key=key)
+
+
+def user_context(env: netnscluster.Environment) -> ssl.SSLContext:
+    """A TLS client of kube-apiserver as :data:`USER` (a certificate of the cluster CA)."""
+    issued = netnscluster.issue(USER, by=_ca(env, "ca"), client=True)
+    cert, key_path = issued.write(env.workdir / "user")
+    context = ssl.create_default_context(cafile=str(env.pki / "ca.crt"))
+    context.load_cert_chain(str(cert), str(key_path))
+    return context
+
+
+def front_proxy_context(env: netnscluster.Environment) -> ssl.SSLContext:
+    """A TLS client of the gateway's aggregated port as kube-apiserver's front proxy
+    would be (a certificate of the front-proxy CA named front-proxy-client)."""
+    issued = netnscluster.issue("front-proxy-client", by=_ca(env, "proxy-ca"), client=True)
+    cert, key_path = issued.write(env.workdir / "front-proxy")
+    context = ssl.create_default_context(cadata=env.serving_ca.cert_pem.decode())
+    context.check_hostname = False
+    context.load_cert_chain(str(cert), str(key_path))
+    return context
+
+
+def measure(env: netnscluster.Environment, args: argparse.Namespace) -> dict[str, Any]:
+    prepared = prepare(env, operations=args.operations)
+    ids = range(1, args.operations + 1)
+    direct = [
+        bench_gateway.http_post(
+            netnscluster.ADDRESS,
+            netnscluster.DIRECT_PORT,
+            xmlrpc.client.dumps((prepared["session"], i), "operation_details").encode(),
+        )
+        for i in ids
+    ]
+    api = env.cluster.server.removeprefix("https://")
+    api_host, api_port = api.rsplit(":", 1)
+    path = f"/apis/{aggregated.GROUP_VERSION}/namespaces/{bench_gateway.NAMESPACE}/xmlrpc"
+    through = [
+        request(
+            host=api,
+            path=path,
+            body=xmlrpc.client.dumps(("", i), "operation_details").encode(),
+        )
+        for i in ids
+    ]
+    headers = f"X-Remote-User: {USER}\r\nX-Remote-Group: system:authenticated\r\n"
+    as_front_proxy = [
+        request(
+            host=f"{netnscluster.ADDRESS}:{netnscluster.AGGREGATED_PORT}",
+            path=path,
+            body=xmlrpc.client.dumps(("", i), "operation_details").encode(),
+            extra=headers,
+        )
+        for i in ids
+    ]
+    paths: dict[str, dict[str, Any]] = {
+        "direct": {
+            "host": netnscluster.ADDRESS,
+            "port": netnscluster.DIRECT_PORT,
+            "requests": direct,
+            "ssl_context": None,
+        },
+        "front_proxy_only": {
+            "host": netnscluster.ADDRESS,
+            "port": netnscluster.AGGREGATED_PORT,
+            "requests": as_front_proxy,
+            "ssl_context": front_proxy_context(env),
+        },
+        "aggregated": {
+            "host": api_host,
+            "port": int(api_port),
+            "requests": through,
+            "ssl_context": user_context(env),
+        },
+    }
+    apiserver = json.loads((env.cluster.state_dir / "state.json").read_text())["pids"][1]
+    processes = {"gateway": env.gateway.pid, "kube_apiserver": apiserver}
+    rounds: list[dict[str, Any]] = []
+    for round_ in range(args.rounds):
+        figures: dict[str, Any] = {}
+        for name, target in paths.items():
+            duration = 1.0 if round_ == 0 and args.rounds > 1 else args.duration
+            before = {p: common.cpu_seconds(pid) for p, pid in processes.items()}
+            result = asyncio.run(load(**target, duration=duration, concurrency=args.concurrency))
+            figures[name] = result.summary() | {
+                f"{p}_cpu_us_per_call": round(
+                    (common.cpu_seconds(pid) - before[p]) / max(1, result.requests) * 1e6
+                )
+                for p, pid in processes.items()
+            }
+        rounds.append(figures)
+    measured = rounds[1:] if len(rounds) > 1 else rounds  # the first is a warm-up
+    best = {name: max((r[name] for r in measured), key=lambda s: s["req_per_s"]) for name in paths}
+    return {
+        "operations": args.operations,
+        "create_seconds": prepared["create_seconds"],
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "rounds": rounds,
+        "best": best,
+        "ratio": round(best["aggregated"]["req_per_s"] / best["direct"]["req_per_s"], 3),
+        # What one gateway process can serve by each path when it is the bottleneck (the
+        # API server on control-plane nodes of its own, as in a real cluster): the
+        # inverse ratio of the gateway's CPU per call.
+        "front_proxy_only_ratio": round(
+            best["front_proxy_only"]["req_per_s"] / best["direct"]["req_per_s"], 3
+        ),
+        "gateway_capacity_ratio": round(
+            best["direct"]["gateway_cpu_us_per_call"]
+            / max(1, best["aggregated"]["gateway_cpu_us_per_call"]),
+            3,
+        ),
+        "added_p50_ms": round(best["aggregated"]["p50_ms"] - best["direct"]["p50_ms"], 2),
+        "added_p99_ms": round(best["aggregated"]["p99_ms"] - best["direct"]["p99_ms"], 2),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    run = report["run"]
+    lines = [
+        "# operation_details: through kube-apiserver's aggregation layer vs. direct",
+        "",
+        f"{report['machine']['cpu']} ({report['machine']['cpus']} CPUs), kube-apiserver"
+        f" {report['machine']['kube_apiserver']}, {run['operations']} operations,"
+        f" {run['concurrency']} connections per path, {run['duration_s']:g} s per measurement",
+        "",
+        "| path | req/s | p50 ms | p99 ms | faults | CPU µs/call: gateway | kube-apiserver"
+        " | load generator |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, f in run["best"].items():
+        lines.append(
+            f"| {name} | {f['req_per_s']} | {f['p50_ms']} | {f['p99_ms']} | {f['faults']}"
+            f" | {f['gateway_cpu_us_per_call']} | {f['kube_apiserver_cpu_us_per_call']}"
+            f" | {f['client_cpu_us_per_call']} |"
+        )
+    lines += [
+        "",
+        f"aggregated / direct rate: **{run['ratio']}** (target >= 0.5); added latency"
+        f" p50 {run['added_p50_ms']} ms, p99 {run['added_p99_ms']} ms",
+        "",
+        "Every process shares the machine's CPUs here, so the rates include kube-apiserver's"
+        " own CPU per proxied call. The gateway's CPU per call by each path gives the ratio"
+        " one gateway process would reach with the API server on other cores:"
+        f" **{run['gateway_capacity_ratio']}**. `front_proxy_only` sends the aggregated"
+        " path's requests straight to the gateway's TLS port as the front proxy would (TLS,"
+        " front-proxy check, cached SubjectAccessReview, no kube-apiserver): our part alone,"
+        f" **{run['front_proxy_only_ratio']}** of the direct rate.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--operations", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3, help="the first is a 1 s warm-up")
+    common.add_output_arguments(parser, name="aggregated")
+    args = parser.parse_args()
+    if not os.environ.get(IN_NETNS):
+        if os.geteuid() != 0:
+            print("bench_aggregated: needs root for unshare -n", file=sys.stderr)
+            return 2
+        return subprocess.run(
+            ["unshare", "-n", sys.executable, *sys.argv], env={**os.environ, IN_NETNS: "1"}
+        ).returncode
+    netnscluster.enter_netns()
+    with (
+        tempfile.TemporaryDirectory(prefix="opkeeper-bench-aggregated-") as tmp,
+        netnscluster.environment(pathlib.Path(tmp), controllers=()) as env,
+    ):
+        run = measure(env, args)
+    report = {
+        "when": common.now(),
+        "machine": {
+            "cpu": common.cpu_model(),
+            "cpus": os.cpu_count(),
+            "kube_apiserver": localcluster.KUBE_VERSION,
+        },
+        "run": run,
+    }
+    common.write_results(args.out, args.name, report, markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
