@@ -936,7 +936,10 @@ def serve_workers(
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-        return 0 if stopping and all(w.exitcode == 0 for w in workers) else 1
+        # A worker still starting when our SIGTERM came had no handler yet and died of
+        # it: nothing was in flight there, so that is a clean stop too.
+        clean = (0, -signal.SIGTERM)
+        return 0 if stopping and all(w.exitcode in clean for w in workers) else 1
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
