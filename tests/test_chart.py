@@ -578,7 +578,7 @@ def test_the_permissions_are_the_committed_list(cluster: Any, release: str, name
     assert listed == EXPECTED_PERMISSIONS.read_text()
 
 
-def test_upgrade_keeps_the_call_log_and_uninstall_leaves_only_the_crds(
+def test_upgrade_keeps_the_call_log_and_the_certificate_and_uninstall_leaves_only_the_crds(
     cluster: Any, api: kubernetes.client.ApiClient
 ) -> None:
     name = f"chart-up-{uuid.uuid4().hex[:6]}"
@@ -587,20 +587,40 @@ def test_upgrade_keeps_the_call_log_and_uninstall_leaves_only_the_crds(
     # A release name of its own: the module's release holds the cluster-wide names.
     release = "opk2"
     claim = f"{release}-opkeeper-gateway-calllog"
+    # The aggregated API on: its generated serving certificate must survive the upgrade
+    # (the APIService stays unavailable here, no gateway Pod runs; uninstall removes it).
+    aggregated = ("--set", "aggregatedApi.enabled=true")
     helm(
-        "install", release, str(CHART), "--namespace", name, *INSTALL, kubeconfig=cluster.kubeconfig
+        "install",
+        release,
+        str(CHART),
+        "--namespace",
+        name,
+        *INSTALL,
+        *aggregated,
+        kubeconfig=cluster.kubeconfig,
     )
     before = core.read_namespaced_persistent_volume_claim(claim, name).metadata.uid
+    (certificate,) = [
+        s for s in core.list_namespaced_secret(name).items if s.type == "kubernetes.io/tls"
+    ]
     helm(
         "upgrade",
         release,
         str(CHART),
         "--namespace",
         name,
+        *aggregated,
         "--set",
         "logLevel=debug",
         kubeconfig=cluster.kubeconfig,
     )
+    kept = core.read_namespaced_secret(certificate.metadata.name, name)
+    assert kept.data == certificate.data
+    service = kubernetes.client.ApiregistrationV1Api(api).read_api_service(
+        "v1alpha1.rpc.opkeeper.dev"
+    )
+    assert service.spec.ca_bundle == certificate.data["ca.crt"]
     assert core.read_namespaced_persistent_volume_claim(claim, name).metadata.uid == before
     helm("uninstall", release, "--namespace", name, kubeconfig=cluster.kubeconfig)
     selector = f"app.kubernetes.io/instance={release}"
@@ -627,6 +647,9 @@ def test_upgrade_keeps_the_call_log_and_uninstall_leaves_only_the_crds(
         if not o["metadata"].get("deletionTimestamp")
         or o["metadata"].get("finalizers") != ["kubernetes.io/pvc-protection"]
     ] == []
+    with pytest.raises(kubernetes.client.ApiException) as gone:
+        kubernetes.client.ApiregistrationV1Api(api).read_api_service("v1alpha1.rpc.opkeeper.dev")
+    assert gone.value.status == 404
     kubectl(cluster.kubeconfig, "get", "crd", "operations.opkeeper.dev")
 
 
