@@ -334,12 +334,7 @@ class Service:
         extra = _kept_annotations(annotations or {})
         try:
             spec = models.OperationSpec.model_validate(
-                {
-                    "type": type_,
-                    "params": records.storable(params, where="params"),
-                    "object": records.storable(object_, where="object"),
-                    "executor": self.settings.executor_for(type_),
-                }
+                self._legacy_spec(type_=type_, params=params, object_=object_)
             )
         except pydantic.ValidationError as exc:
             raise errors.InvalidArgument(records.validation_message(exc)) from None
@@ -579,6 +574,16 @@ class Service:
             holds=_anything,
         )
 
+    def _legacy_spec(self, *, type_: str, params: Any, object_: Any) -> dict[str, Any]:
+        """An Operation's spec as a legacy call asks for it; the executor comes from the
+        policy, never from the caller."""
+        return {
+            "type": type_,
+            "params": records.storable(params, where="params"),
+            "object": records.storable(object_, where="object"),
+            "executor": self.settings.executor_for(type_),
+        }
+
     def _check_size(self, spec: Mapping[str, Any], *, where: str) -> None:
         size = len(json.dumps(spec, separators=(",", ":"), default=str))
         if size > self.settings.max_spec_bytes:
@@ -608,12 +613,7 @@ class Service:
                 {
                     "execAt": exec_at,
                     "template": {
-                        "spec": {
-                            "type": type_,
-                            "params": records.storable(params, where="params"),
-                            "object": records.storable(object_, where="object"),
-                            "executor": self.settings.executor_for(type_),
-                        }
+                        "spec": self._legacy_spec(type_=type_, params=params, object_=object_)
                     },
                 }
             )
