@@ -47,8 +47,12 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
 def test_noop_succeeds_with_id_label_condition_and_events(ops: Ops) -> None:
     ops.create("noop-1", NOOP)
     status = ops.wait_state("noop-1", "Succeeded")
-    op = ops.get("noop-1")
     assert status["id"] >= 1
+    # The label is the reconcile's second write, just after the status.
+    op = wait_for(
+        lambda: (o := ops.get("noop-1"))["metadata"].get("labels", {}).get("opkeeper.dev/id") and o,
+        what="the id label",
+    )
     assert op["metadata"]["labels"]["opkeeper.dev/id"] == str(status["id"])
     assert status["attempt"] == 0
     assert status["progress"] == 100
