@@ -14,7 +14,7 @@ help:
 	@echo "make cluster     only the local control plane; prints the kubeconfig path"
 	@echo "make crds        regenerate crds/ from the models"
 	@echo "make lint        ruff and mypy"
-	@echo "make clients     Perl's and PHP's XML-RPC clients (Debian packages) for the tests"
+	@echo "make clients     the legacy clients the tests run: Perl, PHP, curl, xmllint (Debian)"
 	@echo "make bench       the benchmarks under bench/"
 
 $(STAMP): pyproject.toml
