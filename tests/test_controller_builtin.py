@@ -269,18 +269,21 @@ def test_metrics_count_transitions_and_writes(ops: Ops) -> None:
     def sample(name: str, **labels: str) -> float:
         return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
 
-    before = sample(
-        "opkeeper_operation_transitions_total", from_state="Running", to_state="Succeeded"
-    )
+    def succeeded() -> float:
+        return sample(
+            "opkeeper_operation_transitions_total", from_state="Running", to_state="Succeeded"
+        )
+
+    before = succeeded()
     writes_before = sample("opkeeper_api_writes_total", verb="PATCH", resource="operations/status")
     for i in range(10):
         ops.create(f"counted-{i}", NOOP)
     for i in range(10):
         ops.wait_state(f"counted-{i}", "Succeeded")
-    after = sample(
-        "opkeeper_operation_transitions_total", from_state="Running", to_state="Succeeded"
-    )
-    assert after - before == 10
+    # The controller counts a transition once its write's answer is in, a moment after the
+    # API server (and so this test) can see it.
+    wait_for(lambda: succeeded() - before >= 10, what="10 transitions counted")
+    assert succeeded() - before == 10
     # One status write per noop operation (plus one label write): the budget.
     writes = (
         sample("opkeeper_api_writes_total", verb="PATCH", resource="operations/status")
