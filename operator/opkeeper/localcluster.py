@@ -43,7 +43,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import yaml
 
@@ -152,6 +152,27 @@ def _build_etcd(output: pathlib.Path) -> None:
     )
 
 
+def _build_helm(output: pathlib.Path) -> None:
+    _go_build(
+        module_dir=REPO_ROOT / "tools" / "helm",
+        package="helm.sh/helm/v4/cmd/helm",
+        output=output,
+        ldflags=f"-s -w -X helm.sh/helm/v4/internal/version.version={HELM_VERSION}",
+    )
+
+
+def _cached(binary: pathlib.Path, build: Callable[[pathlib.Path], None]) -> None:
+    """Build ``binary`` unless the cache has it. Several pytest sessions may start at
+    once: one builds under the cache's lock, the others then find it built."""
+    if binary.exists():
+        return
+    binary.parent.parent.mkdir(parents=True, exist_ok=True)
+    with open(binary.parent.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not binary.exists():
+            build(binary)
+
+
 def find_binaries(*, build: bool = True) -> Binaries:
     """Locate (and on a cache miss, build) kube-apiserver and etcd."""
     env_api, env_etcd = os.environ.get("OPKEEPER_KUBE_APISERVER"), os.environ.get("OPKEEPER_ETCD")
@@ -166,15 +187,9 @@ def find_binaries(*, build: bool = True) -> Binaries:
     root = cache_dir() / "bin"
     api = root / f"kube-apiserver-{KUBE_VERSION}" / "kube-apiserver"
     etcd = root / f"etcd-{ETCD_VERSION}" / "etcd"
-    if build and not (api.exists() and etcd.exists()):
-        root.mkdir(parents=True, exist_ok=True)
-        # Several pytest sessions may start at once; only one of them builds.
-        with open(root / ".build.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not etcd.exists():
-                _build_etcd(etcd)
-            if not api.exists():
-                _build_kube_apiserver(api)
+    if build:
+        _cached(etcd, _build_etcd)
+        _cached(api, _build_kube_apiserver)
     return Binaries(kube_apiserver=api, etcd=etcd)
 
 
@@ -186,12 +201,8 @@ def find_controller_manager(*, build: bool = True) -> pathlib.Path:
         return pathlib.Path(explicit)
     root = cache_dir() / "bin"
     kcm = root / f"kube-controller-manager-{KUBE_VERSION}" / "kube-controller-manager"
-    if build and not kcm.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with open(root / ".build.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not kcm.exists():
-                _build_kube_controller_manager(kcm)
+    if build:
+        _cached(kcm, _build_kube_controller_manager)
     return kcm
 
 
@@ -202,17 +213,8 @@ def find_helm(*, build: bool = True) -> pathlib.Path:
         return pathlib.Path(explicit)
     root = cache_dir() / "bin"
     helm = root / f"helm-{HELM_VERSION}" / "helm"
-    if build and not helm.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with open(root / ".build.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not helm.exists():
-                _go_build(
-                    module_dir=REPO_ROOT / "tools" / "helm",
-                    package="helm.sh/helm/v4/cmd/helm",
-                    output=helm,
-                    ldflags=f"-s -w -X helm.sh/helm/v4/internal/version.version={HELM_VERSION}",
-                )
+    if build:
+        _cached(helm, _build_helm)
     return helm
 
 
