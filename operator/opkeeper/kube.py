@@ -19,13 +19,16 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import random
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import aiohttp
 
-from opkeeper import API_VERSION, GROUP, VERSION, errors, names
+from opkeeper import API_VERSION, GROUP, VERSION, errors, kubeauth, kuberetry, names
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,15 @@ class AlreadyExists(errors.Conflict):
 
 class Expired(errors.OpkeeperError):
     """A watch's resourceVersion is too old (410 Gone): list again."""
+
+
+class Throttled(errors.Unavailable):
+    """The API server shed the call (429) longer than the retry budget allows."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds the server asked us to wait (``Retry-After``), if it said."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,32 +124,84 @@ class Credentials:
     cert_path: str | None = None
     key_path: str | None = None
     insecure: bool = False
+    source: kubeauth.TokenSource | None = None
+    """Where a changing ``Authorization`` comes from (a token file, an exec plugin);
+    asked before every request, told about every 401 (:mod:`opkeeper.kubeauth`)."""
 
     @classmethod
     def from_kubeconfig(cls, path: str | None = None, *, context: str | None = None) -> Credentials:
         """Credentials of a kubeconfig (default: ``$KUBECONFIG`` or ``~/.kube/config``).
 
-        The official client's loader does the parsing, so exec plugins, embedded
-        and file-based certificates all work as kubectl would have them.
+        The official client's loader parses clusters, certificates and static
+        tokens as kubectl would. A user's ``tokenFile`` and ``exec`` plugin are
+        taken out of its hands: it would read or run them once, and we refresh
+        them (:class:`kubeauth.TokenFile`, :class:`kubeauth.ExecPlugin`).
         """
         import kubernetes  # a heavy import, needed only here
+        from kubernetes.config import kube_config
 
+        merged = kube_config.KubeConfigMerger(  # type: ignore[no-untyped-call]
+            path or os.environ.get("KUBECONFIG", "~/.kube/config")
+        ).config
+        if merged is None:
+            raise kubernetes.config.ConfigException(
+                "Invalid kube-config file. No configuration found."
+            )
+        stanza, base = _kubeconfig_user(merged, context)
+        file_source: str | None = None
+        exec_stanza: dict[str, Any] | None = None
+        if stanza is not None and not {"auth-provider", "token"} & set(stanza):
+            if stanza.get("tokenFile"):
+                file_source = os.path.join(base or "", os.path.expanduser(stanza.pop("tokenFile")))
+            elif stanza.get("exec"):
+                exec_stanza = stanza.pop("exec")
         config = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=path, context=context, client_configuration=config
-        )
-        return cls._from_configuration(config)
+        kube_config.KubeConfigLoader(  # type: ignore[no-untyped-call]
+            config_dict=merged, active_context=context, config_base_path=None
+        ).load_and_set(config)
+        credentials = cls._from_configuration(config)
+        if file_source is not None:
+            tokens = kubeauth.TokenFile(file_source)
+            tokens.read()  # a missing file is an error now, not at the first call
+            return dataclasses.replace(credentials, source=tokens)
+        if exec_stanza is not None:
+            plugin = kubeauth.ExecPlugin(
+                kubeauth.ExecConfig.from_kubeconfig(exec_stanza, base=base),
+                ssl_context=credentials.ssl_context
+                if isinstance(credentials.ssl_context, ssl.SSLContext)
+                else None,
+            )
+            return dataclasses.replace(credentials, source=plugin)
+        return credentials
 
     @classmethod
-    def in_cluster(cls) -> Credentials:
-        """Credentials of the pod's service account."""
+    def in_cluster(
+        cls,
+        *,
+        token_path: str | os.PathLike[str] = kubeauth.SERVICE_ACCOUNT_DIR / "token",
+        ca_path: str | os.PathLike[str] = kubeauth.SERVICE_ACCOUNT_DIR / "ca.crt",
+        environ: Mapping[str, str] = os.environ,
+    ) -> Credentials:
+        """Credentials of the pod's service account; the token file is re-read every
+        minute and after a 401, as the kubelet rotates it."""
         import kubernetes
 
-        config = kubernetes.client.Configuration()
-        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=config
+        server = kubeauth.in_cluster_server(environ)
+        if server is None:
+            raise kubernetes.config.ConfigException(
+                "not in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set"
+            )
+        tokens = kubeauth.TokenFile(token_path)
+        try:
+            tokens.read()
+        except errors.Unauthenticated as exc:
+            raise kubernetes.config.ConfigException(str(exc)) from None
+        return cls(
+            server=server,
+            ssl_context=ssl.create_default_context(cafile=str(ca_path)),
+            ca_path=str(ca_path),
+            source=tokens,
         )
-        return cls._from_configuration(config)
 
     @classmethod
     def auto(cls, kubeconfig: str | None = None) -> Credentials:
@@ -180,6 +244,21 @@ class Credentials:
             key_path=config.key_file,
             insecure=not config.verify_ssl,
         )
+
+
+def _kubeconfig_user(merged: Any, context: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The current context's ``user`` stanza (the dict inside the merged config, so
+    that removing a key hides it from the official loader) and its file's directory."""
+    name = context or merged["current-context"]
+    user_name = merged["contexts"].get_with_name(name)["context"].safe_get("user")
+    if not user_name or not merged.safe_get("users"):
+        return None, None
+    user = merged["users"].get_with_name(user_name, safe=True)
+    if user is None or not isinstance(user.safe_get("user"), dict):
+        return None, None
+    base = os.path.dirname(os.path.abspath(user.path)) if user.path else None
+    stanza: dict[str, Any] = user["user"].value
+    return stanza, base
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -232,18 +311,32 @@ class Client:
         timeout: float = 30.0,
         field_manager: str = "opkeeper",
         connection_limit: int = 100,
+        retry: kuberetry.Policy = kuberetry.DEFAULT_POLICY,
     ) -> None:
         self._credentials = credentials
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._field_manager = field_manager
         self._connection_limit = connection_limit
+        self._retry = retry
         self._session: aiohttp.ClientSession | None = None
+        self._retired: list[aiohttp.ClientSession] = []
+        self._generation = 0
+        self.retries: collections.Counter[str] = collections.Counter()
+        """Repeated attempts by cause (``429``, ``503``, ``connect``, ``401``...), for metrics."""
         self.writes: collections.Counter[tuple[str, str]] = collections.Counter()
         """Writes made by this client, by (verb, resource[/subresource]); for metrics and bench."""
 
     @property
     def session(self) -> aiohttp.ClientSession:
         # Created lazily: an aiohttp session must be made inside the running loop.
+        source = self._credentials.source
+        if source is not None and source.generation != self._generation:
+            # A new client certificate: connections made with the old one are stale;
+            # calls still on them finish, the session closes with the client.
+            self._generation = source.generation
+            if self._session is not None:
+                self._retired.append(self._session)
+                self._session = None
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 base_url=self._credentials.server,
@@ -256,8 +349,29 @@ class Client:
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (*self._retired, self._session):
+            if session is not None:
+                await session.close()
+        self._retired.clear()
+
+    async def _authorization(self) -> str | None:
+        source = self._credentials.source
+        return None if source is None else await source.header()
+
+    async def _refresh(self, rejected: str | None, what: str) -> None:
+        """A 401 with our current credential: renew it (once per call)."""
+        source = self._credentials.source
+        assert source is not None
+        self.retries["401"] += 1
+        logger.info("%s: 401 from the API server; renewing %s", what, source.describe())
+        await source.rejected(rejected)
+
+    def _rejected(self, what: str, payload: bytes) -> errors.Unauthenticated:
+        source = self._credentials.source
+        where = f" (renewed from {source.describe()})" if source is not None else ""
+        return errors.Unauthenticated(
+            f"{what}: the API server rejects our credentials{where}: {_message_of(payload)}"
+        )
 
     async def __aenter__(self) -> Client:
         return self
@@ -274,22 +388,68 @@ class Client:
         json_body: Any = None,
         content_type: str = "application/json",
         counted_as: str | None = None,
+        patch_type: PatchType | None = None,
     ) -> Any:
+        """One call, with a renewed credential after a 401 (once) and the retries of
+        :func:`kuberetry.decide` after 429, 5xx and connection errors."""
         data = None if json_body is None else json.dumps(json_body)
-        headers = {"Content-Type": content_type} if data is not None else {}
-        try:
-            async with self.session.request(
-                method, path, params=params, data=data, headers=headers
-            ) as response:
-                payload = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise errors.Unavailable(f"{method} {path}: {exc!r}") from exc
-        if counted_as is not None and status < 300:
-            self.writes[(method, counted_as)] += 1
-        if status >= 300:
-            raise _error(status, payload, f"{method} {path}")
-        return json.loads(payload) if payload else None
+        what = f"{method} {path}"
+        repeatable = kuberetry.repeatable(method=method, patch_type=patch_type)
+        attempt, waited, renewed, ambiguous = 0, 0.0, False, False
+        while True:
+            attempt += 1
+            headers = {"Content-Type": content_type} if data is not None else {}
+            authorization = await self._authorization()
+            if authorization is not None:
+                headers["Authorization"] = authorization
+            failure: kuberetry.Failure
+            try:
+                async with self.session.request(
+                    method, path, params=params, data=data, headers=headers
+                ) as response:
+                    payload = await response.read()
+                    status = response.status
+                    retry_after = response.headers.get("Retry-After")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                sent = not isinstance(exc, aiohttp.ClientConnectorError)
+                failure = kuberetry.Failure(status=None, sent=sent)
+                problem: errors.OpkeeperError = errors.Unavailable(_unreachable(what, exc))
+                cause = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            else:
+                if status == 401 and self._credentials.source is not None and not renewed:
+                    renewed = True
+                    await self._refresh(authorization, what)
+                    attempt -= 1  # a renewal is not a failed attempt
+                    continue
+                if status < 300:
+                    if counted_as is not None:
+                        self.writes[(method, counted_as)] += 1
+                    return json.loads(payload) if payload else None
+                if status == 404 and method == "DELETE" and ambiguous:
+                    return None  # our earlier attempt deleted it; its answer was lost
+                if status == 401:
+                    raise self._rejected(what, payload)
+                failure = kuberetry.Failure(status=status, retry_after=retry_after)
+                problem = _error(status, payload, what, retry_after=retry_after)
+                cause = str(status)
+                if not isinstance(problem, errors.Unavailable):
+                    raise problem
+            delay = kuberetry.decide(
+                failure,
+                repeatable=repeatable,
+                attempt=attempt,
+                waited=waited,
+                policy=self._retry,
+                jitter=random.random(),
+                now=time.time(),
+            )
+            if delay is None:
+                raise problem
+            ambiguous = ambiguous or (failure.sent and failure.status != 429)
+            self.retries[cause] += 1
+            logger.debug("%s failed (%s); attempt %d in %.2fs", what, cause, attempt + 1, delay)
+            await asyncio.sleep(delay)
+            waited += delay
 
     @staticmethod
     def _counted(resource: Resource, subresource: str | None = None) -> str:
@@ -375,6 +535,7 @@ class Client:
             json_body=body,
             content_type=_CONTENT_TYPES[patch_type],
             counted_as=self._counted(resource, subresource),
+            patch_type=patch_type,
         )
         return result
 
@@ -448,30 +609,51 @@ class Client:
         if field_selector:
             params["fieldSelector"] = field_selector
         path = resource.path(namespace=namespace)
+        what = f"WATCH {path}"
         timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)
+        renewed = False
         try:
-            async with self.session.get(path, params=params, timeout=timeout) as response:
-                if response.status >= 300:
-                    raise _error(response.status, await response.read(), f"WATCH {path}")
-                buffer = b""
-                # Objects can be larger than aiohttp's line limit: split lines ourselves.
-                async for chunk in response.content.iter_any():
-                    buffer += chunk
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
-                        if not line.strip():
+            while True:
+                headers = {}
+                authorization = await self._authorization()
+                if authorization is not None:
+                    headers["Authorization"] = authorization
+                async with self.session.get(
+                    path, params=params, timeout=timeout, headers=headers
+                ) as response:
+                    if response.status == 401 and self._credentials.source is not None:
+                        if not renewed:
+                            renewed = True
+                            await self._refresh(authorization, what)
                             continue
-                        event = json.loads(line)
-                        if event["type"] == "ERROR":
-                            status = event["object"]
-                            raise _error(
-                                int(status.get("code", 500)),
-                                json.dumps(status).encode(),
-                                f"WATCH {path}",
-                            )
-                        yield event["type"], event["object"]
+                        raise self._rejected(what, await response.read())
+                    if response.status >= 300:
+                        raise _error(
+                            response.status,
+                            await response.read(),
+                            what,
+                            retry_after=response.headers.get("Retry-After"),
+                        )
+                    buffer = b""
+                    # Objects can be larger than aiohttp's line limit: split lines ourselves.
+                    async for chunk in response.content.iter_any():
+                        buffer += chunk
+                        while b"\n" in buffer:
+                            line, buffer = buffer.split(b"\n", 1)
+                            if not line.strip():
+                                continue
+                            event = json.loads(line)
+                            if event["type"] == "ERROR":
+                                status = event["object"]
+                                raise _error(
+                                    int(status.get("code", 500)),
+                                    json.dumps(status).encode(),
+                                    what,
+                                )
+                            yield event["type"], event["object"]
+                    return
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise errors.Unavailable(f"WATCH {path}: {exc!r}") from exc
+            raise errors.Unavailable(_unreachable(what, exc)) from exc
 
     async def stream(
         self,
@@ -485,8 +667,27 @@ class Client:
         """List, then watch forever: a ``SYNC`` after every (re)list, then single changes.
 
         Bookmarks only move the resume point; an expired version (410) or a
-        broken connection leads to a fresh list, never to a silent gap.
+        broken connection leads to a fresh list, never to a silent gap. Failures
+        in a row back off from ``retry_delay`` exponentially (with jitter, to
+        :data:`kuberetry.STREAM_MAX_DELAY`), a 429's Retry-After is honoured, and
+        credentials the server keeps rejecting are reported and retried, since a
+        rotated token file or a fixed plugin makes them good again.
         """
+        failures = 0
+
+        async def pause(exc: errors.OpkeeperError) -> None:
+            nonlocal failures
+            failures += 1
+            delay = kuberetry.stream_delay(
+                failures=failures,
+                base=retry_delay,
+                retry_after=exc.retry_after if isinstance(exc, Throttled) else None,
+                jitter=random.random(),
+            )
+            log = logger.error if isinstance(exc, errors.Unauthenticated) else logger.warning
+            log("%s of %s failed, again in %.1fs: %s", "stream", resource.plural, delay, exc)
+            await asyncio.sleep(delay)
+
         while True:
             try:
                 listed = await self.list(
@@ -495,10 +696,10 @@ class Client:
                     label_selector=label_selector,
                     field_selector=field_selector,
                 )
-            except errors.Unavailable as exc:
-                logger.warning("list of %s failed, retrying: %s", resource.plural, exc)
-                await asyncio.sleep(retry_delay)
+            except (errors.Unavailable, errors.Unauthenticated) as exc:
+                await pause(exc)
                 continue
+            failures = 0
             yield WatchEvent(type="SYNC", objects=listed.items)
             version = listed.resource_version
             try:
@@ -516,12 +717,27 @@ class Client:
                             yield WatchEvent(type=change, object=obj)
             except Expired:
                 logger.info("watch of %s expired; listing again", resource.plural)
-            except errors.Unavailable as exc:
-                logger.warning("watch of %s broke, listing again: %s", resource.plural, exc)
-                await asyncio.sleep(retry_delay)
+            except (errors.Unavailable, errors.Unauthenticated) as exc:
+                await pause(exc)
 
 
-def _error(status: int, payload: bytes, what: str) -> errors.OpkeeperError:
+def _unreachable(what: str, exc: BaseException) -> str:
+    """The message of a call that got no answer: says plainly it is temporary."""
+    return f"the Kubernetes API server is temporarily unavailable ({what}: {exc!r})"
+
+
+def _message_of(payload: bytes) -> str:
+    try:
+        detail = json.loads(payload)
+    except ValueError:
+        detail = {}
+    text = detail.get("message") if isinstance(detail, dict) else None
+    return str(text or payload[:200].decode(errors="replace"))
+
+
+def _error(
+    status: int, payload: bytes, what: str, *, retry_after: str | None = None
+) -> errors.OpkeeperError:
     """The opkeeper exception for an API server error response."""
     try:
         detail = json.loads(payload)
@@ -541,7 +757,14 @@ def _error(status: int, payload: bytes, what: str) -> errors.OpkeeperError:
         return errors.Forbidden(message)
     if status in (400, 422):
         return errors.InvalidArgument(message)
-    return errors.Unavailable(f"HTTP {status} {message}")
+    if status == 429:
+        return Throttled(
+            f"the Kubernetes API server is temporarily overloaded (429): {message}",
+            retry_after=kuberetry.retry_after_seconds(retry_after, now=time.time()),
+        )
+    return errors.Unavailable(
+        f"the Kubernetes API server is temporarily unavailable (HTTP {status}): {message}"
+    )
 
 
 async def ensure_namespace(client: Client, name: str) -> None:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, cast
 
 import kopf
 
-from opkeeper import ids, kube
+from opkeeper import ids, kube, kubeauth
 from opkeeper.controller import metrics, operations, scheduledtasks, streams
 from opkeeper.controller.events import EventPoster
 from opkeeper.controller.settings import Settings
@@ -44,9 +45,17 @@ def build_registry(
     """A fresh registry with kopf's part: the login, ``cleanup`` and the Job events."""
     registry = kopf.OperatorRegistry()
 
+    given: list[str | None] = []
+
     @kopf.on.login(registry=registry)
-    def _login(**_: Any) -> kopf.ConnectionInfo:
-        return _connection_info(login)
+    async def _login(**_: Any) -> kopf.ConnectionInfo:
+        if login.source is None:
+            return _connection_info(login)
+        # kopf logs in again after a 401 or past `expiration`: the header it had is stale.
+        if given:
+            await login.source.rejected(given[-1])
+        given[:] = [await login.source.header()]
+        return _refreshed_connection_info(login, login.source, given[0])
 
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(**_: Any) -> None:
@@ -133,6 +142,30 @@ def _connection_info(credentials: kube.Credentials) -> kopf.ConnectionInfo:
         private_key_path=credentials.key_path,
         scheme=scheme or None,
         token=value or None,
+    )
+
+
+def _refreshed_connection_info(
+    credentials: kube.Credentials, source: kubeauth.TokenSource, header: str | None
+) -> kopf.ConnectionInfo:
+    """kopf's login from a refreshing source: the header and certificate it has now,
+    and when kopf should ask again."""
+    scheme, _, value = (header or "").partition(" ")
+    until = source.valid_until()
+    certificate = source.certificate()
+    return kopf.ConnectionInfo(
+        server=credentials.server,
+        ca_path=credentials.ca_path,
+        insecure=credentials.insecure or None,
+        certificate_path=None if certificate else credentials.cert_path,
+        private_key_path=None if certificate else credentials.key_path,
+        certificate_data=certificate[0] if certificate else None,
+        private_key_data=certificate[1] if certificate else None,
+        scheme=scheme or None,
+        token=value or None,
+        expiration=None
+        if until is None
+        else datetime.datetime.fromtimestamp(until, tz=datetime.UTC),
     )
 
 
