@@ -283,9 +283,11 @@ def test_an_exec_plugin_that_keeps_failing_is_a_clear_error(
             assert plugin.runs == 2  # the first run and one renewal: no loop
             (tmp_path / "plan.json").write_text("{broken")
             (tmp_path / "runs").unlink()
+            source = credentials.source
+            assert source is not None
+            current = await source.header()
             with pytest.raises(errors.Unauthenticated, match="exited with code 1"):
-                assert credentials.source is not None
-                await credentials.source.rejected(await credentials.source.header())
+                await source.rejected(current)
 
     asyncio.run(scenario())
 
