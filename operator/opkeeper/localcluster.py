@@ -388,6 +388,8 @@ class LocalCluster:
     server: str = ""
     kubeconfig: pathlib.Path = dataclasses.field(init=False)
     _procs: list[subprocess.Popen[bytes]] = dataclasses.field(default_factory=list, init=False)
+    _argv: dict[str, list[str]] = dataclasses.field(default_factory=dict, init=False)
+    """Each process's command line, to start it again (:meth:`start_apiserver`)."""
 
     def __post_init__(self) -> None:
         self.state_dir = self.state_dir.resolve()
@@ -499,6 +501,7 @@ class LocalCluster:
         )
         log.close()
         self._procs.append(proc)
+        self._argv[name] = list(argv)
 
     def _write_kubeconfig(self, certs: dict[str, _Pair]) -> None:
         def b64(path: pathlib.Path) -> str:
@@ -566,6 +569,25 @@ class LocalCluster:
             f"kube-apiserver was not ready within {self.startup_timeout:.0f}s (last: {last});"
             f" etcd log:\n{_tail_file(self.state_dir / 'etcd.log')}\n"
             f"kube-apiserver log:\n{_tail_file(self.state_dir / 'kube-apiserver.log')}"
+        )
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver alone (etcd keeps the data): an outage, for fault tests."""
+        proc = next(p for p in self._procs if str(p.args[0]).endswith("kube-apiserver"))
+        _stop_process(proc.pid)
+        proc.wait()
+        self._procs.remove(proc)
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again with the same flags (port, certificates, etcd) and
+        wait until it is ready, after :meth:`stop_apiserver`."""
+        self._spawn("kube-apiserver", self._argv["kube-apiserver"])
+        pki = self.state_dir / "pki"
+        self._wait_ready(
+            {
+                stem: _Pair(cert=pki / f"{stem}.crt", key=pki / f"{stem}.key")
+                for stem in ("ca", "admin")
+            }
         )
 
     def stop(self) -> None:
