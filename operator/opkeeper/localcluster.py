@@ -573,7 +573,11 @@ class LocalCluster:
 
     def stop_apiserver(self) -> None:
         """Stop kube-apiserver alone (etcd keeps the data): an outage, for fault tests."""
-        proc = next(p for p in self._procs if str(p.args[0]).endswith("kube-apiserver"))
+        proc = next(
+            p
+            for p in self._procs
+            if isinstance(p.args, list) and str(p.args[0]).endswith("kube-apiserver")
+        )
         _stop_process(proc.pid)
         proc.wait()
         self._procs.remove(proc)
