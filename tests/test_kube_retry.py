@@ -94,9 +94,8 @@ def test_which_requests_are_repeatable() -> None:
 
 
 def credential(**status: object) -> bytes:
-    return json.dumps(
-        {"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", "status": status}
-    ).encode()
+    document = {"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential"}
+    return json.dumps({**document, "status": status}).encode()
 
 
 def test_exec_credentials_parse_and_refuse_without_quoting_the_output() -> None:
