@@ -722,8 +722,21 @@ class Client:
 
 
 def _unreachable(what: str, exc: BaseException) -> str:
-    """The message of a call that got no answer: says plainly it is temporary."""
-    return f"the Kubernetes API server is temporarily unavailable ({what}: {exc!r})"
+    """The message of a call that got no answer: says plainly it is temporary, and what
+    happened in a few words (the exception's repr, with the server's address and the
+    TLS details, goes to the debug log, not to a legacy caller's fault string)."""
+    logger.debug("%s: %r", what, exc)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        cause = "cannot connect"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        cause = "the connection was closed"
+    elif isinstance(exc, aiohttp.ClientPayloadError):
+        cause = "the answer was cut short"
+    elif isinstance(exc, TimeoutError):
+        cause = "no answer in time"
+    else:
+        cause = type(exc).__name__
+    return f"the Kubernetes API server is temporarily unavailable ({what}: {cause})"
 
 
 def _message_of(payload: bytes) -> str:
