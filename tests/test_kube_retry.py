@@ -12,6 +12,7 @@ import asyncio
 import email.utils
 import json
 import pathlib
+import time
 
 import pytest
 
@@ -182,3 +183,19 @@ def test_in_cluster_server_from_the_environment() -> None:
     env6 = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"}
     assert kubeauth.in_cluster_server(env6) == "https://[fd00::1]:6443"
     assert kubeauth.in_cluster_server({}) is None
+
+
+def test_kopf_logs_in_from_the_same_refreshing_source(tmp_path: pathlib.Path) -> None:
+    """kopf (the Job watch) gets the token the source has now, and an expiration a
+    re-read interval away, so it asks again in step with our own client."""
+    from opkeeper import controller, kube
+
+    path = tmp_path / "token"
+    path.write_text("first")
+    source = kubeauth.TokenFile(path)
+    credentials = kube.Credentials(server="https://127.0.0.1:1", ssl_context=False, source=source)
+    header = source.read()
+    info = controller._refreshed_connection_info(credentials, source, header)
+    assert (info.scheme, info.token) == ("Bearer", "first")
+    assert info.expiration is not None
+    assert 50 < info.expiration.timestamp() - time.time() <= 60
