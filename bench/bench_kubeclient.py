@@ -17,7 +17,7 @@ git: the request layer before credentials that refresh and retries),
 its documentation shows. Clients not installed are skipped and said so
 (``pip install lightkube kubernetes_asyncio``).
 
-    python bench/bench_kubeclient.py [--kubeconfig PATH] [--count 1000]
+    python bench/bench_kubeclient.py [--kubeconfig PATH] [--count 1000] [--rounds 3]
 
 Without ``--kubeconfig`` a local control plane is started for the run.
 """
@@ -30,6 +30,7 @@ import asyncio
 import functools
 import importlib.util
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -345,29 +346,53 @@ def measure_watch(
     return {"watch_event_cpu_us": round(out["cpu"] / count * 1e6, 1)}
 
 
-def run(kubeconfig: str, count: int, ref: str) -> dict[str, Any]:
+def run(
+    kubeconfig: str, count: int, ref: str, *, rounds: int, only: list[str] | None
+) -> dict[str, Any]:
+    """Each client ``rounds`` times, in an order that turns each round (a shared machine's
+    load drifts); each figure is the median over the rounds, every round kept."""
     makers, skipped = adapters(kubeconfig, ref)
-    results: dict[str, dict[str, float]] = {}
-    for name, make in makers.items():
-        namespace = f"bench-kubeclient-{uuid.uuid4().hex[:6]}"
+    if only:
+        makers = {name: make for name, make in makers.items() if name in only}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in makers}
+    order = list(makers)
+    for round_ in range(rounds):
+        turned = order[round_ % len(order) :] + order[: round_ % len(order)]
+        for name in turned:
+            make = makers[name]
+            namespace = f"bench-kubeclient-{uuid.uuid4().hex[:6]}"
 
-        async def setup(namespace: str = namespace) -> None:
-            async with kube.Client(kube.Credentials.from_kubeconfig(kubeconfig)) as client:
-                await kube.ensure_namespace(client, namespace)
+            async def setup(namespace: str = namespace) -> None:
+                async with kube.Client(kube.Credentials.from_kubeconfig(kubeconfig)) as client:
+                    await kube.ensure_namespace(client, namespace)
 
-        asyncio.run(setup())
+            asyncio.run(setup())
 
-        async def writes(namespace: str = namespace, make: Callable[[], Adapter] = make) -> Any:
-            adapter = make()
-            try:
-                return await measure_writes(adapter, namespace, count)
-            finally:
-                await adapter.close()
+            async def writes(
+                namespace: str = namespace, make: Callable[[], Adapter] = make
+            ) -> dict[str, float]:
+                adapter = make()
+                try:
+                    return await measure_writes(adapter, namespace, count)
+                finally:
+                    await adapter.close()
 
-        results[name] = asyncio.run(writes())
-        results[name].update(measure_watch(make, kubeconfig, namespace, count))
-        print(name, results[name], flush=True)
-    return {"count": count, "concurrency": CONCURRENCY, "clients": results, "skipped": skipped}
+            sample = asyncio.run(writes())
+            sample.update(measure_watch(make, kubeconfig, namespace, count))
+            samples[name].append(sample)
+            print(name, sample, flush=True)
+    results = {
+        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
+        for name, runs in samples.items()
+    }
+    return {
+        "count": count,
+        "concurrency": CONCURRENCY,
+        "rounds": rounds,
+        "clients": results,
+        "samples": samples,
+        "skipped": skipped,
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -378,7 +403,8 @@ def markdown(report: dict[str, Any]) -> str:
         common.markdown_header(facts),
         "",
         f"{report['count']} ConfigMaps (~1 KiB) per phase, {report['concurrency']} writes in"
-        " flight; CPU of the calling process only (the API server's is not counted).",
+        " flight; CPU of the calling process only (the API server's is not counted);"
+        f" medians of {report['rounds']} rounds, the clients' order turning each round.",
         "",
         "| client | create µs CPU | patch µs CPU | watch event µs CPU | creates/s | patches/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -398,13 +424,17 @@ def main() -> int:
     parser.add_argument("--kubeconfig", help="an existing cluster (default: start one)")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--before", default="main", help="git ref of the 'before' kube.py")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", help="comma-separated subset, e.g. opkeeper-main,opkeeper")
     common.add_output_arguments(parser, name="kubeclient")
     args = parser.parse_args()
+    only = args.clients.split(",") if args.clients else None
+    options = {"rounds": args.rounds, "only": only}
     if args.kubeconfig:
-        report = run(args.kubeconfig, args.count, args.before)
+        report = run(args.kubeconfig, args.count, args.before, **options)
     else:
         with localcluster.started(pathlib.Path(tempfile.mkdtemp())) as local:
-            report = run(str(local.kubeconfig), args.count, args.before)
+            report = run(str(local.kubeconfig), args.count, args.before, **options)
     report["machine"] = common.info()
     common.write_results(args.out, args.name, report, markdown(report))
     return 0
