@@ -108,6 +108,47 @@ def test_a_cancel_between_the_status_write_and_the_id_label_is_not_lost(
     assert held, "the cancel's watch event came late, as on a busy machine"
 
 
+def test_a_write_answer_older_than_a_watched_event_does_not_hide_it(
+    cluster: Any,
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The id label's answer can reach the controller after the watch event of a later
+    write by someone else (here a cancel: all share one loop, and a busy machine delays
+    the answer). The controller must keep the newer body it holds, not the answer."""
+    patch, observe = kube.Client.patch, operations.Reconciler.observe
+    seen: list[int] = []
+    cancelled = {"late": False}
+
+    def counting(self: operations.Reconciler, *, event_type: str | None, body: kube.Body) -> None:
+        if body["metadata"]["name"] == "late":
+            seen.append(kube.resource_version_of(body))
+        observe(self, event_type=event_type, body=body)
+
+    async def racing(self: kube.Client, resource: kube.Resource, **kwargs: Any) -> kube.Body:
+        label = kwargs.get("name") == "late" and kwargs.get("subresource") is None
+        if not label or cancelled["late"]:
+            return await patch(self, resource, **kwargs)
+        answer = await patch(self, resource, **kwargs)
+        cancelled["late"] = True
+        cancel = {"spec": {"cancel": True}}
+        later = await patch(self, resource, namespace=namespace, name="late", body=cancel)
+        deadline = asyncio.get_running_loop().time() + 10
+        while max(seen, default=0) < kube.resource_version_of(later):
+            assert asyncio.get_running_loop().time() < deadline, "the cancel was never watched"
+            await asyncio.sleep(0.01)
+        return answer
+
+    monkeypatch.setattr(kube.Client, "patch", racing)
+    monkeypatch.setattr(operations.Reconciler, "observe", counting)
+    with controller_in_thread(kubeconfig=cluster.kubeconfig, namespace=namespace):
+        ops = Ops(api, namespace)
+        ops.create("late", EXTERNAL)
+        ops.wait_state("late", "Cancelled", timeout=15)
+    assert cancelled["late"]
+
+
 def test_a_burst_of_reports_costs_few_controller_writes(ops: Ops) -> None:
     ops.create("chatty", EXTERNAL)
     ops.wait_state("chatty", "WaitingExternal")

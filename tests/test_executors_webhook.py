@@ -280,7 +280,9 @@ def test_a_reply_that_is_not_a_json_object_is_a_bad_reply(
 def test_a_bad_poll_reply_ends_the_attempt(ops: Ops, scripted: ScriptedServer) -> None:
     scripted.replies["/start"] = Reply(202, '{"id": "e1"}')
     scripted.replies["/poll/e1"] = Reply(200, "busy")
-    ops.create("polled", _webhook(f"{scripted.url}/start", pollUrl=f"{scripted.url}/poll/{{id}}"))
+    urls = {"pollUrl": f"{scripted.url}/poll/{{id}}", "cancelUrl": f"{scripted.url}/stop/{{id}}"}
+    ops.create("polled", _webhook(f"{scripted.url}/start", **urls))
     status = ops.wait_state("polled", "FailedExternal")
     assert status["reason"] == "WebhookBadReply"
-    assert scripted.requests == [("POST", "/start"), ("GET", "/poll/e1")]
+    # The external system accepted the work: it is told to stop what nobody follows now.
+    assert scripted.requests == [("POST", "/start"), ("GET", "/poll/e1"), ("POST", "/stop/e1")]

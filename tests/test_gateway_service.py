@@ -6,6 +6,7 @@ conditional write. The real API server covers everything else (test_gateway_clus
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import datetime
@@ -16,6 +17,7 @@ import pytest
 
 from opkeeper import API_VERSION, errors, ids, kube, states
 from opkeeper.gateway import auth, cache, calllog, kubeio, service
+from opkeeper.gateway import cli as gateway_cli
 
 Body = dict[str, Any]
 A = auth.Identity(user_id="alice", tenant=auth.Tenant("a"), key_hash=auth.hash_key("ka"))
@@ -543,3 +545,12 @@ def test_free_form_values_are_stored_as_json_or_refused() -> None:
             asyncio.run(svc.create(who=A, type_="t", params=bad, object_=None))
     with pytest.raises(errors.InvalidArgument, match="bytes"):
         asyncio.run(svc.create(who=A, type_="t", params={}, object_={"kind": "d", "name": b"\x00"}))
+
+
+def test_the_read_your_writes_bound_is_a_command_line_setting() -> None:
+    parser = argparse.ArgumentParser()
+    gateway_cli.add_arguments(parser)
+    default = gateway_cli.settings_from(parser.parse_args([]))
+    assert default.service.write_visible_timeout_seconds == 10.0
+    args = parser.parse_args(["--write-visible-timeout", "2.5"])
+    assert gateway_cli.settings_from(args).service.write_visible_timeout_seconds == 2.5

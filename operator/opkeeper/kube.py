@@ -301,6 +301,15 @@ def resource_version_of(body: Mapping[str, Any]) -> int:
     return int(raw) if isinstance(raw, str) and raw.isdigit() else 0
 
 
+def is_newer(body: Mapping[str, Any], *, than: Mapping[str, Any] | None) -> bool:
+    """Whether ``body`` is a later version of the object than ``than`` (None: nothing held).
+
+    A write's answer can reach a controller after the watch events of later writes by
+    others, so a held body is replaced only by a newer one, whichever path brought it.
+    """
+    return than is None or resource_version_of(body) > resource_version_of(than)
+
+
 class Client:
     """An async client for the few resources opkeeper touches."""
 

@@ -199,14 +199,17 @@ class Reconciler:
         key = (meta["namespace"], meta["name"])
         if event_type == "DELETED":
             self._drop(uid, key)
-        else:
-            current = self._bodies.get(uid)
-            if current is not None and kube.resource_version_of(body) <= kube.resource_version_of(
-                current
-            ):
-                return  # older than what we hold (typically the echo of our own write)
-            self._remember(body)
+        elif self._remember(body):
             self.queue.add(uid)
+        else:
+            logger.debug(
+                "%s/%s: dropped %s event at resourceVersion %s, not newer than the one held",
+                key[0],
+                key[1],
+                event_type or "listed",
+                meta["resourceVersion"],
+            )
+            return  # typically the echo of our own write
         self._wake_dependents(key)
 
     def _wake_dependents(self, key: tuple[str, str]) -> None:
@@ -242,10 +245,14 @@ class Reconciler:
                 result[state] = max(result.get(state, 0.0), (now - since).total_seconds())
         return result
 
-    def _remember(self, body: kube.Body) -> None:
+    def _remember(self, body: kube.Body) -> bool:
+        """Hold ``body`` unless what we hold is as new (False then): holding an older
+        write answer would hide later writes by others from the next reconcile."""
         meta = body["metadata"]
         uid: str = meta["uid"]
         key = (meta["namespace"], meta["name"])
+        if not kube.is_newer(body, than=self._bodies.get(uid)):
+            return False
         self._bodies[uid] = body
         self._names[key] = uid
         wanted = {(key[0], name) for name in (body.get("spec") or {}).get("dependsOn") or []}
@@ -254,6 +261,7 @@ class Reconciler:
         for new in wanted:
             self._dependents.setdefault(new, set()).add(uid)
         self._depends[uid] = wanted
+        return True
 
     def _drop(self, uid: str, key: tuple[str, str]) -> None:
         self._bodies.pop(uid, None)

@@ -199,9 +199,7 @@ class Reconciler:
             self._forget(uid)
             return
         current = self._bodies.get(uid)
-        if current is not None and kube.resource_version_of(body) <= kube.resource_version_of(
-            current
-        ):
+        if not kube.is_newer(body, than=current):
             return  # older than what we hold: typically the echo of our own status write
         self._bodies[uid] = body
         if current is not None and _same_but_status(current, body):
@@ -374,7 +372,8 @@ class Reconciler:
                         "status": changes,
                     },
                 )
-                self._bodies[uid] = body
+                if kube.is_newer(body, than=self._bodies.get(uid)):
+                    self._bodies[uid] = body
             cache.unrecorded = {}
             if plan.fire is not None:
                 await self._create(body, plan.fire, cache)

@@ -24,7 +24,9 @@ elsewhere at connect time than at any earlier check is still caught);
 redirects are never followed; a reply is read up to :data:`MAX_REPLY_BYTES`
 and at most :data:`MAX_COPIED_CHARS` of it reach the status. A 2xx reply that
 is not a JSON object of the shape above ends the attempt (WebhookBadReply)
-rather than being retried.
+rather than being retried. A poll that ends the attempt that way (a bad reply,
+a redirect, a refused destination) first calls ``cancelUrl``: the external
+system has accepted work that nobody will follow any more.
 """
 
 from __future__ import annotations
@@ -389,8 +391,7 @@ class WebhookExecutor:
         try:
             reply = await self._call("GET", url, ctx=ctx, payload=None)
         except DestinationRefused as exc:
-            self._backoff.pop(ctx.key, None)
-            return _not_allowed(exc)
+            return await self._abandon(ctx, _not_allowed(exc))
         except (aiohttp.ClientError, TimeoutError) as exc:
             logger.info("poll of %s failed: %r", url, exc)
             return base.Running(wake_at=self._delay(ctx.key, ctx.now))
@@ -398,18 +399,22 @@ class WebhookExecutor:
             logger.info("poll of %s answered HTTP %d", url, reply.status)
             return base.Running(wake_at=self._delay(ctx.key, ctx.now))
         if reply.status >= 300:
-            self._backoff.pop(ctx.key, None)
-            return _redirect(url, reply.status)
+            return await self._abandon(ctx, _redirect(url, reply.status))
         try:
             data = _object(reply)
             outcome = self._interpret(data)
         except _BadReply as exc:
-            self._backoff.pop(ctx.key, None)
-            return _bad_reply(url, reply, exc)
+            return await self._abandon(ctx, _bad_reply(url, reply, exc))
         if outcome is not None:
             self._backoff.pop(ctx.key, None)
             return outcome
         return base.Running(progress=_progress(data), wake_at=self._delay(ctx.key, ctx.now))
+
+    async def _abandon(self, ctx: base.Context, outcome: base.Finished) -> base.Finished:
+        """End an accepted attempt on our side (a poll we refuse or cannot read), first
+        asking the external system to stop it, so nothing runs on that nobody follows."""
+        await self.cancel(ctx)
+        return outcome
 
     async def cancel(self, ctx: base.Context) -> None:
         spec = self._spec(ctx)

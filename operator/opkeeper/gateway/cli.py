@@ -129,6 +129,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " creates, e.g. deployVirtualMachine=vm_deploy; repeatable (the executor still"
         " comes from --executor)",
     )
+    parser.add_argument(
+        "--write-visible-timeout",
+        type=float,
+        default=service.Settings().write_visible_timeout_seconds,
+        metavar="SECONDS",
+        help="longest wait of a legacy write for its effect to be readable (default"
+        f" {service.Settings().write_visible_timeout_seconds:g}); past it the call succeeds"
+        " anyway and opkeeper_gateway_writes_not_visible_total counts it",
+    )
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", choices=logs.FORMATS, default=logs.DEFAULT_FORMAT)
 
@@ -143,7 +152,10 @@ def settings_from(args: argparse.Namespace) -> server.Settings:
         system_namespace=args.system_namespace,
         keyring=auth.KeyRingSettings(namespace=key_namespace),
         sessions=dataclasses.replace(auth.SessionSettings(), ttl_seconds=args.session_ttl),
-        service=service.Settings(executors=server.executors_from(args.executor)),
+        service=service.Settings(
+            executors=server.executors_from(args.executor),
+            write_visible_timeout_seconds=args.write_visible_timeout,
+        ),
         limits=dataclasses.replace(xmlrpc.DEFAULT_LIMITS, max_body_bytes=args.max_body),
         cloudstack=cloudstack.Settings(commands=cloudstack.commands_from(args.cloudstack_command)),
         max_connections=args.max_connections,
