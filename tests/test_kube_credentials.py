@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -501,5 +502,20 @@ def test_a_watch_told_429_waits_and_resumes(namespace: str, proxy: FaultyProxy) 
             assert (event.type, event.object["metadata"]["name"]) == ("ADDED", "seen")
             assert ("GET", True, 429) in proxy.seen
             await stream.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_untrusted_server_certificate_fails_at_once(cluster: Any) -> None:
+    """Not retried: waiting does not make a certificate trusted."""
+    credentials = kube.Credentials(server=cluster.server, ssl_context=ssl.create_default_context())
+
+    async def scenario() -> None:
+        async with kube.Client(credentials) as client:
+            started = time.monotonic()
+            with pytest.raises(errors.Unavailable, match="certificate is not trusted"):
+                await client.get(CM, namespace="default", name="x")
+            assert time.monotonic() - started < 2.0
+            assert not client.retries
 
     asyncio.run(scenario())

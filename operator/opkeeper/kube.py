@@ -420,9 +420,11 @@ class Client:
                     status = response.status
                     retry_after = response.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError) as exc:
+                problem: errors.OpkeeperError = errors.Unavailable(_unreachable(what, exc))
+                if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+                    raise problem from exc  # a certificate does not mend in seconds
                 sent = not isinstance(exc, aiohttp.ClientConnectorError)
                 failure = kuberetry.Failure(status=None, sent=sent)
-                problem: errors.OpkeeperError = errors.Unavailable(_unreachable(what, exc))
                 cause = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
             else:
                 if status == 401 and self._credentials.source is not None and not renewed:
@@ -735,7 +737,9 @@ def _unreachable(what: str, exc: BaseException) -> str:
     happened in a few words (the exception's repr, with the server's address and the
     TLS details, goes to the debug log, not to a legacy caller's fault string)."""
     logger.debug("%s: %r", what, exc)
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cause = "its certificate is not trusted"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
         cause = "cannot connect"
     elif isinstance(exc, aiohttp.ServerDisconnectedError):
         cause = "the connection was closed"
