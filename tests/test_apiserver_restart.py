@@ -112,12 +112,24 @@ def test_the_api_server_restarts_mid_run(
             session = gandi.login(key)
             created: list[int] = []
 
+            def states() -> collections.Counter[str]:
+                return collections.Counter(
+                    o.get("status", {}).get("state", "") for o in operations(api, namespace)
+                )
+
             def create(seq: int) -> None:
                 created.append(gandi.operation_create(session, TYPE, {"seq": seq}))
 
             for seq in range(BATCH):
                 create(seq)
-            wait_for(lambda: len(external.posts) == BATCH, timeout=30, what="executors all started")
+            # Started and recorded: an acceptance the controller could not record is POSTed
+            # again with the same key once it can (by design, the external system keeps one
+            # job per key); waiting for the record keeps the POST count exact.
+            wait_for(
+                lambda: states()["WaitingExternal"] == BATCH,
+                timeout=30,
+                what="executors all started and recorded",
+            )
 
             control_plane.stop_apiserver()
             outage = time.monotonic()
@@ -156,11 +168,6 @@ def test_the_api_server_restarts_mid_run(
             )
             external.finish = True
 
-            def states() -> collections.Counter[str]:
-                return collections.Counter(
-                    o.get("status", {}).get("state", "") for o in operations(api, namespace)
-                )
-
             try:
                 wait_for(
                     lambda: states()["Succeeded"] == 2 * BATCH,
@@ -176,6 +183,7 @@ def test_the_api_server_restarts_mid_run(
             assert len(set(created)) == 2 * BATCH
             # One POST per idempotency key, one key per operation (attempt 0).
             assert set(external.posts.values()) == {1}
+            assert len(external.jobs) == 2 * BATCH
             uids = {o["metadata"]["uid"] for o in items}
             assert {key.rsplit("-", 1)[0] for key in external.posts} == uids
     api.close()
