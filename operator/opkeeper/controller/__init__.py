@@ -233,16 +233,16 @@ class _Acting:
 
 def _elector(
     *, settings: Settings, credentials: kube.Credentials, acting: _Acting
-) -> tuple[leader.Elector, kube.Client]:
-    """The Lease's elector, on a client of its own: a renewal never queues behind the
-    reconcilers' requests for a connection, and times out well inside the deadline."""
+) -> leader.InThread:
+    """The Lease's elector, on a client and a thread of its own: a renewal never queues
+    behind the reconcilers' requests or their CPU-bound parsing."""
     client = kube.Client(
         credentials,
         field_manager="opkeeper-controller",
-        timeout=settings.retry_period_seconds,
+        timeout=settings.renew_deadline_seconds,
         connection_limit=2,
     )
-    elector = leader.Elector(
+    return leader.InThread(
         client,
         name=settings.lease_name,
         namespace=settings.lease_namespace or settings.system_namespace,
@@ -255,7 +255,6 @@ def _elector(
         on_start=acting.start,
         on_stop=acting.stop,
     )
-    return elector, client
 
 
 async def run(
@@ -269,11 +268,10 @@ async def run(
     once if ``settings.standalone``, else while this process holds the leader Lease."""
     client = kube.Client(credentials, field_manager="opkeeper-controller")
     acting = _Acting(settings=settings, client=client, credentials=credentials)
-    elector: leader.Elector | None = None
-    lease_client: kube.Client | None = None
+    elector: leader.InThread | None = None
 
     def writes() -> collections.Counter[tuple[str, str]]:
-        return client.writes + (lease_client.writes if lease_client else collections.Counter())
+        return client.writes + (elector.elector.writes if elector else collections.Counter())
 
     collector = metrics.StateCollector(states=acting.counts, oldest=acting.oldest, writes=writes)
     metrics.serve(port=settings.metrics_port, collector=collector)
@@ -281,7 +279,7 @@ async def run(
     if settings.standalone:
         await acting.start()
     else:
-        elector, lease_client = _elector(settings=settings, credentials=credentials, acting=acting)
+        elector = _elector(settings=settings, credentials=credentials, acting=acting)
         elector.start()
 
     async def stop() -> None:
@@ -306,6 +304,4 @@ async def run(
     finally:
         await stop()  # again, for a cancelled run (no cleanup): stopping twice is harmless
         await client.close()
-        if lease_client is not None:
-            await lease_client.close()
         metrics.unserve(collector)

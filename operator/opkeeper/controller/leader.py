@@ -20,12 +20,14 @@ not our streams (:mod:`.streams`). The rules are client-go's leader election:
 
 The decisions (:func:`decide`, :func:`leading`, :func:`lease_body`) are pure and
 tested without I/O (tests/test_leader_units.py); :class:`Elector` does the I/O and
-calls ``on_start``/``on_stop`` around each term of leadership.
+calls ``on_start``/``on_stop`` around each term of leadership; :class:`InThread`
+keeps it off the reconcilers' event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -36,6 +38,7 @@ import os
 import random
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -237,6 +240,11 @@ class Elector:
     def is_leader(self) -> bool:
         return self._renewed_at is not None
 
+    @property
+    def writes(self) -> collections.Counter[tuple[str, str]]:
+        """The Lease writes made so far (a copy: the elector may run on another thread)."""
+        return collections.Counter(dict(self._client.writes))
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="leader-election")
 
@@ -279,9 +287,9 @@ class Elector:
             await self._stop_acting(why="shutting down")
 
     def _attempt_timeout(self, sent: float) -> float:
-        """A leader's attempt may last until its renew deadline; a standby's a period."""
+        """A leader's attempt may last until its renew deadline; a standby's as long."""
         if self._renewed_at is None:
-            return self._timing.retry_period
+            return self._timing.renew_deadline
         return max(0.0, self._renewed_at + self._timing.renew_deadline - sent)
 
     async def _pause(self) -> None:
@@ -369,8 +377,78 @@ class Elector:
         try:
             self._lease = await asyncio.wait_for(
                 self._client.replace(kube.LEASES, body, name=self._name, namespace=self._namespace),
-                timeout=self._timing.retry_period,
+                timeout=self._timing.renew_deadline,
             )
             logger.info("leader election: %s released by %s", self._name, self.identity)
         except (errors.OpkeeperError, TimeoutError) as exc:
             logger.warning("leader election: releasing %s failed: %s", self._name, exc)
+
+
+class InThread:
+    """An :class:`Elector` on a thread and event loop of its own.
+
+    The reconcilers' loop can be busy for seconds (a term's first list parses every
+    Operation; a burst of watch events is parsed on the loop): on that loop, renewals
+    would wait behind them, and a loaded leader would lose its Lease for nothing. Here
+    renewals only compete for the GIL, which a busy thread gives up every few
+    milliseconds. ``on_start``/``on_stop`` still run on the caller's loop, and the
+    elector waits for them to finish.
+    """
+
+    def __init__(
+        self,
+        client: kube.Client,
+        *,
+        name: str,
+        namespace: str,
+        identity: str,
+        timing: Timing,
+        on_start: Callable[[], Awaitable[None]],
+        on_stop: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Call from the loop ``on_start`` and ``on_stop`` belong to; ``client`` is
+        used (and closed) only on the elector's own loop."""
+        self._main = asyncio.get_running_loop()
+        self._loop = asyncio.new_event_loop()
+        self._client = client
+        self.elector = Elector(
+            client,
+            name=name,
+            namespace=namespace,
+            identity=identity,
+            timing=timing,
+            on_start=self._on_main(on_start),
+            on_stop=self._on_main(on_stop),
+        )
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="leader-election", daemon=True
+        )
+        self._stopped = False
+
+    def _on_main(self, callback: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def call() -> None:
+            async def run() -> None:
+                await callback()
+
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._main))
+
+        return call
+
+    def start(self) -> None:
+        self._thread.start()
+        self._loop.call_soon_threadsafe(self.elector.start)
+
+    async def stop(self) -> None:
+        """Stop acting, release the Lease, end the thread (a second call does nothing)."""
+        if self._stopped or not self._thread.is_alive():
+            return
+        self._stopped = True
+
+        async def down() -> None:
+            await self.elector.stop()
+            await self._client.close()
+
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(down(), self._loop))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join, 10)
+        self._loop.close()
