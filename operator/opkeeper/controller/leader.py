@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -417,20 +418,30 @@ class InThread:
             namespace=namespace,
             identity=identity,
             timing=timing,
-            on_start=self._on_main(on_start),
-            on_stop=self._on_main(on_stop),
+            on_start=self._on_main(on_start, wait=False),
+            on_stop=self._on_main(on_stop, wait=True),
         )
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="leader-election", daemon=True
         )
         self._stopped = False
 
-    def _on_main(self, callback: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    def _on_main(
+        self, callback: Callable[[], Awaitable[None]], *, wait: bool
+    ) -> Callable[[], Awaitable[None]]:
+        """``callback`` run on the caller's loop; awaited only if ``wait``: stopping must
+        be over before a standby starts, but renewals must not wait for a busy loop to
+        get round to starting (calls keep their order on that loop either way)."""
+
         async def call() -> None:
             async def run() -> None:
                 await callback()
 
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._main))
+            future = asyncio.run_coroutine_threadsafe(run(), self._main)
+            if wait:
+                await asyncio.wrap_future(future)
+            else:
+                future.add_done_callback(_log_failure)
 
         return call
 
@@ -452,3 +463,8 @@ class InThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         await asyncio.to_thread(self._thread.join, 10)
         self._loop.close()
+
+
+def _log_failure(future: concurrent.futures.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("leader election: starting to act failed", exc_info=future.exception())
