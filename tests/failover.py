@@ -160,9 +160,17 @@ class Replica:
     after each kill (what a Deployment does with a crashed pod)."""
 
     def __init__(
-        self, *, slot: int, plan: Plan, env: dict[str, str], namespace: str, logs: pathlib.Path
+        self,
+        *,
+        slot: int,
+        plan: Plan,
+        env: dict[str, str],
+        namespace: str,
+        logs: pathlib.Path,
+        metrics_port: int = 0,
     ) -> None:
         self.slot = slot
+        self.metrics_port = metrics_port
         self._plan = plan
         self._env = env
         self._namespace = namespace
@@ -196,6 +204,8 @@ class Replica:
                     str(self._plan.retry_period),
                     "--webhook-allow",
                     "127.0.0.1/32",
+                    "--metrics-port",
+                    str(self.metrics_port),
                     "--log-level",
                     "info",
                 ],
