@@ -209,16 +209,18 @@ def markdown(report: dict[str, Any]) -> str:
 
 {common.markdown_header(report["machine"])}
 
-Two `opkeeper controller` processes, Lease timings {plan["lease_duration"]:g} s /
-{plan["renew_deadline"]:g} s / {plan["retry_period"]:g} s (lease duration / renew deadline /
-retry period). `python bench/bench_failover.py` (bench/bench_failover.py, tests/failover.py).
+Two `opkeeper controller` processes; Lease timings (lease duration / renew deadline /
+retry period): {plan["lease_duration"]:g} s / {plan["renew_deadline"]:g} s /
+{plan["retry_period"]:g} s. Run by `python bench/bench_failover.py` (the run itself:
+tests/failover.py).
 
 ## Idle cost
 
-Over {quiet["seconds"]} s with nothing to do: the leader wrote the Lease
-{quiet["leader_writes_per_minute"]} times a minute (expected 60 / retry period =
-{quiet["expected_per_minute"]}), the standby {quiet["standby_writes_per_minute"]} (it only
-reads, about as often).
+| over {quiet["seconds"]} s, nothing to do | Lease writes per minute |
+|---|---|
+| leader | {quiet["leader_writes_per_minute"]} |
+| standby (it only reads) | {quiet["standby_writes_per_minute"]} |
+| expected: 60 / retry period | {quiet["expected_per_minute"]} |
 
 ## {report["operations"]} operations, {len(report["kills"])} SIGKILLs of the leader
 
