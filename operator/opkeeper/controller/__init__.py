@@ -214,11 +214,15 @@ class _Acting:
                 settings=self._settings, client=self._client, credentials=self._credentials
             )
             self.term.start()
+            leader.LEADER.set(1)
+            leader.TRANSITIONS.labels("leader").inc()
 
     async def stop(self) -> None:
         term, self.term = self.term, None
         if term is not None:
             await term.stop()
+            leader.LEADER.set(0)
+            leader.TRANSITIONS.labels("standby").inc()
 
     def observe_job(self, *, event_type: str | None, body: kube.Body) -> None:
         if self.term is not None:

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 LEADER = prometheus_client.Gauge(
     "opkeeper_controller_leader",
-    "1 while this controller process holds the leader Lease and acts, else 0.",
+    "1 while this controller process acts (holds the leader Lease, or --standalone), else 0.",
 )
 TRANSITIONS = prometheus_client.Counter(
     "opkeeper_controller_leader_transitions_total",
@@ -358,15 +358,11 @@ class Elector:
 
     async def _start_acting(self) -> None:
         logger.info("leader election: %s acquired by %s; acting", self._name, self.identity)
-        LEADER.set(1)
-        TRANSITIONS.labels("leader").inc()
         await self._on_start()
 
     async def _stop_acting(self, *, why: str) -> None:
         logger.warning("leader election: %s no longer held (%s); standing by", self._name, why)
         self._renewed_at = None
-        LEADER.set(0)
-        TRANSITIONS.labels("standby").inc()
         await self._on_stop()
 
     async def _release(self) -> None:
