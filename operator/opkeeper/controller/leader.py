@@ -270,6 +270,11 @@ class Elector:
             except (errors.OpkeeperError, TimeoutError) as exc:
                 logger.warning("leader election: %s failed: %s", self._name, exc or "timed out")
                 acted = False
+            except Exception:
+                # Whatever went wrong counts as a failed round: ending this loop would
+                # leave a leader acting without renewals.
+                logger.exception("leader election: %s failed unexpectedly", self._name)
+                acted = False
             if acted:  # our write went through: we hold the Lease as of ``sent``
                 starting = not self.is_leader
                 self._renewed_at = sent
