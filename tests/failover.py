@@ -13,7 +13,8 @@ What is checked afterwards (:class:`Outcome`): every operation reached Succeeded
 in its first attempt (none lost, none retried), one Job per operation attempt,
 the Job recorded is the one that exists, one accepted piece of work per
 idempotency key; per kill, the takeover time (from the SIGKILL to the Lease held
-by another live replica) and the time to the first operation finished after it.
+by another live replica), the time to the new leader's first recorded transition,
+and the time until it got to work created after the kill.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime
 import os
 import pathlib
 import random
@@ -79,9 +81,15 @@ class Kill:
     successor: str = ""
     takeover_seconds: float = 0.0
     """SIGKILL to the Lease held by another live replica."""
-    acting_seconds: float | None = None
-    """SIGKILL to the first status write seen on an operation created after the kill
-    (only the new leader can have written it; seen by polling every 0.25 s)."""
+    first_write_seconds: float | None = None
+    """SIGKILL to the earliest controller-written time (queuedAt, startedAt, updatedAt,
+    finishedAt; wall clock, same machine) after it in any operation's final status:
+    the new leader's first transition (None: none recorded)."""
+    new_work_seconds: float | None = None
+    """SIGKILL to the first status seen on an operation created after the kill (polled
+    every 0.25 s): the new leader has listed and worked through what was queued."""
+    killed_wall: float = 0.0
+    """time.time() of the SIGKILL."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -112,9 +120,15 @@ class Outcome:
         times = sorted(k.takeover_seconds for k in self.kills)
         return _summary(times)
 
-    def acting(self) -> dict[str, float]:
-        times = sorted(k.acting_seconds for k in self.kills if k.acting_seconds is not None)
-        return _summary(times)
+    def first_write(self) -> dict[str, float]:
+        return _summary(
+            sorted(k.first_write_seconds for k in self.kills if k.first_write_seconds is not None)
+        )
+
+    def new_work(self) -> dict[str, float]:
+        return _summary(
+            sorted(k.new_work_seconds for k in self.kills if k.new_work_seconds is not None)
+        )
 
 
 def _summary(times: list[float]) -> dict[str, float]:
@@ -334,7 +348,7 @@ def run(
                 )
                 killed_at = time.monotonic()
                 leader.kill()
-                kill = Kill(victim=leader.identity)
+                kill = Kill(victim=leader.identity, killed_wall=time.time())
                 leader.start()  # the Deployment's replacement pod
                 kill.successor = wait_for(
                     lambda victim=kill.victim: (h := holder(ops)) not in ("", victim) and h,
@@ -358,7 +372,7 @@ def run(
                 replica.stop()
         for kill, killed_at in zip(kills, kill_times, strict=True):
             after = [t for name, t in touched_at.items() if created_at.get(name, 0) > killed_at]
-            kill.acting_seconds = min(after) - killed_at if after else None
+            kill.new_work_seconds = min(after) - killed_at if after else None
         return _outcome(
             ops, names=names, receiver=receiver, kills=kills, seconds=time.monotonic() - started
         )
@@ -432,6 +446,15 @@ def _outcome(
         and (status[name].get("executor") or {}).get("jobUid")
         != uids.get((status[name].get("executor") or {}).get("jobName", ""))
     ]
+    written = sorted(
+        datetime.datetime.fromisoformat(value).timestamp()
+        for state in status.values()
+        for field in ("queuedAt", "startedAt", "updatedAt", "finishedAt")
+        if isinstance(value := state.get(field), str)
+    )
+    for kill in kills:
+        after = next((t for t in written if t > kill.killed_wall), None)
+        kill.first_write_seconds = None if after is None else after - kill.killed_wall
     return Outcome(
         operations=len(names),
         final=dict(sorted(final.items())),
