@@ -248,7 +248,7 @@ tests/failover.py).
 
 Times are from the SIGKILL. The first recorded transition is the earliest
 controller-written time (queuedAt, startedAt, updatedAt, finishedAt) after the kill
-in any operation's final status (second resolution if the status has it so). Work
+in any operation's final status (written with microseconds). Work
 created after the kill waits for the new leader's full list and the queue it
 rebuilds from it (every operation in the namespace, most of them finished).
 
