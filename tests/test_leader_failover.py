@@ -135,7 +135,10 @@ def test_sigterm_releases_the_lease_and_the_standby_takes_over_within_a_retry_pe
             "opkeeper_controller_leader": 1.0,
             "opkeeper_controller_leader_transitions_total{to=leader}": 1.0,
         }
-        assert gauges(standby.metrics_port) == {"opkeeper_controller_leader": 0.0}
+        standing_by = wait_for(
+            lambda: gauges(standby.metrics_port), timeout=30, what="the standby's metrics"
+        )
+        assert standing_by == {"opkeeper_controller_leader": 0.0}
         stopped_at = time.monotonic()
         assert leader.process is not None
         leader.process.terminate()

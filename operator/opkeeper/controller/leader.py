@@ -366,7 +366,8 @@ class Elector:
         await self._on_start()
 
     async def _stop_acting(self, *, why: str) -> None:
-        logger.warning("leader election: %s no longer held (%s); standing by", self._name, why)
+        log = logger.info if self._stopping.is_set() else logger.warning
+        log("leader election: %s: stopping acting (%s)", self._name, why)
         self._renewed_at = None
         await self._on_stop()
 
