@@ -352,7 +352,11 @@ def _scenario(
                 "--kubeconfig",
                 controller,
                 "--all-namespaces",
-                "--standalone",
+                # Leader election as the chart runs it: the chart's Lease permissions.
+                "--lease-name",
+                f"{FULLNAME}-controller",
+                "--lease-namespace",
+                release,
                 "--system-namespace",
                 release,
                 "--log-format",

@@ -44,8 +44,11 @@ def _controller_parser(parser: argparse.ArgumentParser) -> None:
         "--metrics-port", type=int, default=0, help="Prometheus /metrics port (default 0: off)"
     )
     parser.add_argument(
-        "--standalone", action="store_true", help="no kopf peering (a single controller)"
+        "--standalone",
+        action="store_true",
+        help="a single controller: act at once, without leader election",
     )
+    _leader_election_flags(parser)
     parser.add_argument(
         "--system-namespace",
         default="opkeeper-system",
@@ -67,6 +70,44 @@ def _controller_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", choices=logs.FORMATS, default=logs.DEFAULT_FORMAT)
+
+
+def _leader_election_flags(parser: argparse.ArgumentParser) -> None:
+    from opkeeper.controller import settings  # no kopf import: it is only the dataclass
+
+    election = parser.add_argument_group("leader election (a coordination.k8s.io/v1 Lease)")
+    election.add_argument("--lease-name", default=settings.LEASE_NAME, help="the Lease's name")
+    election.add_argument(
+        "--lease-namespace", default="", help="the Lease's namespace (default: --system-namespace)"
+    )
+    election.add_argument(
+        "--lease-duration",
+        type=float,
+        default=settings.LEASE_DURATION_SECONDS,
+        metavar="SECONDS",
+        help="a standby takes an unrenewed Lease over after this long (default %(default)s)",
+    )
+    election.add_argument(
+        "--renew-deadline",
+        type=float,
+        default=settings.RENEW_DEADLINE_SECONDS,
+        metavar="SECONDS",
+        help="the leader stops acting when it could not renew for this long (default"
+        " %(default)s; less than --lease-duration)",
+    )
+    election.add_argument(
+        "--retry-period",
+        type=float,
+        default=settings.RETRY_PERIOD_SECONDS,
+        metavar="SECONDS",
+        help="gap between renewals and between a standby's tries (default %(default)s)",
+    )
+    election.add_argument(
+        "--identity",
+        default="",
+        help="this replica's name in the Lease (default: $POD_NAME or"
+        " the host name, and a random suffix)",
+    )
 
 
 def _webhook_allow_entry(value: str) -> str:
@@ -93,7 +134,22 @@ def _controller(args: argparse.Namespace) -> int:
         workers=args.workers,
         post_events=not args.no_events,
         webhook_allow=tuple(args.webhook_allow),
+        lease_name=args.lease_name,
+        lease_namespace=args.lease_namespace,
+        lease_duration_seconds=args.lease_duration,
+        renew_deadline_seconds=args.renew_deadline,
+        retry_period_seconds=args.retry_period,
+        identity=args.identity,
     )
+    try:
+        controller.leader.Timing(
+            lease_duration=settings.lease_duration_seconds,
+            renew_deadline=settings.renew_deadline_seconds,
+            retry_period=settings.retry_period_seconds,
+        )
+    except ValueError as exc:
+        print(f"opkeeper controller: {exc}", file=sys.stderr)
+        return 2
     credentials = kube.Credentials.auto(args.kubeconfig)
     asyncio.run(controller.run(settings=settings, credentials=credentials))
     return 0

@@ -105,6 +105,7 @@ NAMESPACES = Resource(group="", version="v1", plural="namespaces", namespaced=Fa
 EVENTS = Resource(group="", version="v1", plural="events")
 JOBS = Resource(group="batch", version="v1", plural="jobs")
 SECRETS = Resource(group="", version="v1", plural="secrets")
+LEASES = Resource(group="coordination.k8s.io", version="v1", plural="leases")
 
 assert OPERATIONS.api_version == API_VERSION
 

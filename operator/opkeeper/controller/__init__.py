@@ -8,9 +8,12 @@ kopf's per-event processing (a deep copy of every body for its diff base,
 per-handler kwargs) cost about 1.4 ms of CPU per event, the largest item of
 an Operation's controller CPU, for nothing our handlers used.
 
-kopf keeps the operator frame: login, peering, liveness, and the watch of
-Jobs the job executor starts (:func:`build_registry`), whose few events go
-to the Operation reconciler through kopf's ``memo``. kopf writes nothing of
+Only one replica acts: the holder of a Lease (:mod:`.leader`); a standby
+runs no reconciler and no stream, and gains them all afresh (:class:`_Term`)
+when it takes over. kopf keeps the operator frame: login, liveness, and the
+watch of Jobs the job executor starts (:func:`build_registry`), whose few
+events go to the acting Operation reconciler through kopf's ``memo``. kopf's
+peering stays off: it would only pause kopf's own Job watch. kopf writes nothing of
 its own: no progress annotation, no diff-base, no finalizer, no Events for
 handler logs. Storage prefix and finalizer still use ``opkeeper.dev`` so
 that any changing handler added later never has to migrate from kopf's
@@ -20,6 +23,7 @@ default keys.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import datetime
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -28,7 +32,7 @@ from typing import Any, cast
 import kopf
 
 from opkeeper import ids, kube, kubeauth
-from opkeeper.controller import metrics, operations, scheduledtasks, streams
+from opkeeper.controller import leader, metrics, operations, scheduledtasks, streams
 from opkeeper.controller.events import EventPoster
 from opkeeper.controller.settings import Settings
 
@@ -121,7 +125,7 @@ def kopf_settings(settings: Settings) -> kopf.OperatorSettings:
         prefix=STORAGE_PREFIX, key="last-handled-configuration"
     )
     result.persistence.finalizer = f"{STORAGE_PREFIX}/finalizer"
-    result.peering.standalone = settings.standalone
+    result.peering.standalone = True
     result.peering.name = "opkeeper"
     # Server-side watch timeouts keep long-lived streams fresh behind proxies.
     result.watching.server_timeout = 300
@@ -169,6 +173,127 @@ def _refreshed_connection_info(
     )
 
 
+class _Term:
+    """Everything that acts, built afresh for each term of leadership: the reconcilers,
+    their streams and the Event poster. A new term starts from a fresh list (no cache
+    of a previous term's world); stopping cancels in-flight reconciles, which is safe
+    for the same reasons a crash is (conditional writes, idempotent executor starts)."""
+
+    def __init__(
+        self, *, settings: Settings, client: kube.Client, credentials: kube.Credentials
+    ) -> None:
+        allocator = ids.IdAllocator(
+            client, namespace=settings.system_namespace, block_size=settings.id_block_size
+        )
+        seal = ids.IdSeal(client, namespace=settings.system_namespace)
+        self.poster = EventPoster(
+            client,
+            enabled=settings.post_events,
+            qps=settings.event_qps,
+            burst=settings.event_burst,
+        )
+        self.reconciler = operations.Reconciler(
+            client=client,
+            allocator=allocator,
+            seal=seal,
+            settings=settings,
+            events=self.poster,
+            api_server=credentials.server,
+        )
+        self.tasks = scheduledtasks.Reconciler(
+            client=client,
+            allocator=allocator,
+            seal=seal,
+            events=self.poster,
+            workers=settings.workers,
+            error_max_delay=settings.error_max_delay,
+        )
+        self.watches = streams.Streams(
+            client,
+            scopes=streams.scopes(
+                namespaces=settings.namespaces, all_namespaces=settings.all_namespaces
+            ),
+        )
+
+    def start(self) -> None:
+        self.reconciler.start()
+        self.tasks.start()
+        self.poster.start()
+        self.watches.follow(kube.OPERATIONS, self.reconciler.observe, self.tasks.observe_operation)
+        self.watches.follow(kube.SCHEDULED_TASKS, self.tasks.observe_task)
+
+    async def stop(self) -> None:
+        await self.watches.stop()
+        await self.tasks.stop()
+        await self.reconciler.stop()
+        await self.poster.stop()
+
+
+class _Acting:
+    """The current term, if this process acts; what kopf's Job events and the metrics
+    collector reach through (a standby drops Job events: the leader gets its own)."""
+
+    def __init__(
+        self, *, settings: Settings, client: kube.Client, credentials: kube.Credentials
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._credentials = credentials
+        self.term: _Term | None = None
+
+    async def start(self) -> None:
+        if self.term is None:
+            self.term = _Term(
+                settings=self._settings, client=self._client, credentials=self._credentials
+            )
+            self.term.start()
+            leader.LEADER.set(1)
+            leader.TRANSITIONS.labels("leader").inc()
+
+    async def stop(self) -> None:
+        term, self.term = self.term, None
+        if term is not None:
+            await term.stop()
+            leader.LEADER.set(0)
+            leader.TRANSITIONS.labels("standby").inc()
+
+    def observe_job(self, *, event_type: str | None, body: kube.Body) -> None:
+        if self.term is not None:
+            self.term.reconciler.observe_job(event_type=event_type, body=body)
+
+    def counts(self) -> dict[str, int]:
+        return self.term.reconciler.counts() if self.term is not None else {}
+
+    def oldest(self) -> dict[str, float]:
+        return self.term.reconciler.oldest() if self.term is not None else {}
+
+
+def _elector(
+    *, settings: Settings, credentials: kube.Credentials, acting: _Acting
+) -> leader.InThread:
+    """The Lease's elector, on a client and a thread of its own: a renewal never queues
+    behind the reconcilers' requests or their CPU-bound parsing."""
+    client = kube.Client(
+        credentials,
+        field_manager="opkeeper-controller",
+        timeout=settings.renew_deadline_seconds,
+        connection_limit=2,
+    )
+    return leader.InThread(
+        client,
+        name=settings.lease_name,
+        namespace=settings.lease_namespace or settings.system_namespace,
+        identity=settings.identity or leader.default_identity(),
+        timing=leader.Timing(
+            lease_duration=settings.lease_duration_seconds,
+            renew_deadline=settings.renew_deadline_seconds,
+            retry_period=settings.retry_period_seconds,
+        ),
+        on_start=acting.start,
+        on_stop=acting.stop,
+    )
+
+
 async def run(
     *,
     settings: Settings,
@@ -176,65 +301,40 @@ async def run(
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
 ) -> None:
-    """Run the controller until ``stop_flag`` is set (or the task is cancelled)."""
+    """Run the controller until ``stop_flag`` is set (or the task is cancelled): act at
+    once if ``settings.standalone``, else while this process holds the leader Lease."""
     client = kube.Client(credentials, field_manager="opkeeper-controller")
-    allocator = ids.IdAllocator(
-        client, namespace=settings.system_namespace, block_size=settings.id_block_size
-    )
-    seal = ids.IdSeal(client, namespace=settings.system_namespace)
-    poster = EventPoster(
-        client,
-        enabled=settings.post_events,
-        qps=settings.event_qps,
-        burst=settings.event_burst,
-    )
-    reconciler = operations.Reconciler(
-        client=client,
-        allocator=allocator,
-        seal=seal,
-        settings=settings,
-        events=poster,
-        api_server=credentials.server,
-    )
-    tasks = scheduledtasks.Reconciler(
-        client=client,
-        allocator=allocator,
-        seal=seal,
-        events=poster,
-        workers=settings.workers,
-        error_max_delay=settings.error_max_delay,
-    )
-    watches = streams.Streams(
-        client,
-        scopes=streams.scopes(
-            namespaces=settings.namespaces, all_namespaces=settings.all_namespaces
-        ),
-    )
-    collector = metrics.StateCollector(
-        states=reconciler.counts, oldest=reconciler.oldest, writes=lambda: client.writes
-    )
+    acting = _Acting(settings=settings, client=client, credentials=credentials)
+    elector: leader.InThread | None = None
+
+    def writes() -> collections.Counter[tuple[str, str]]:
+        return client.writes + (elector.elector.writes if elector else collections.Counter())
+
+    collector = metrics.StateCollector(states=acting.counts, oldest=acting.oldest, writes=writes)
     metrics.serve(port=settings.metrics_port, collector=collector)
     # Started before kopf: kopf cancels, on exit, the tasks created after it started.
-    reconciler.start()
-    tasks.start()
-    poster.start()
-    watches.follow(kube.OPERATIONS, reconciler.observe, tasks.observe_operation)
-    watches.follow(kube.SCHEDULED_TASKS, tasks.observe_task)
+    if settings.standalone:
+        await acting.start()
+    else:
+        elector = _elector(settings=settings, credentials=credentials, acting=acting)
+        elector.start()
 
     async def stop() -> None:
-        await watches.stop()
-        await tasks.stop()
-        await reconciler.stop()
-        await poster.stop()
+        # The elector stops acting first, then releases the Lease: never two leaders.
+        if elector is not None:
+            await elector.stop()
+        await acting.stop()
 
     try:
         await kopf.operator(
             registry=build_registry(login=credentials, cleanup=stop),
             settings=kopf_settings(settings),
-            standalone=settings.standalone,
+            # Leader election (or --standalone) decides who acts: kopf's peering would
+            # only pause its Job watch, on whichever replica it chose.
+            standalone=True,
             namespaces=list(settings.namespaces),
             clusterwide=settings.all_namespaces,
-            memo=kopf.Memo(operations=reconciler),
+            memo=kopf.Memo(operations=acting),
             stop_flag=stop_flag,
             ready_flag=ready_flag,
         )

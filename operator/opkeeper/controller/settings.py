@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
+LEASE_DURATION_SECONDS = 15.0
+"""controller-runtime's default ``LeaseDuration``."""
+RENEW_DEADLINE_SECONDS = 10.0
+"""controller-runtime's default ``RenewDeadline``."""
+RETRY_PERIOD_SECONDS = 2.0
+"""controller-runtime's default ``RetryPeriod``."""
+LEASE_NAME = "opkeeper-controller"
+"""The Lease the controller replicas compete for."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -24,7 +33,27 @@ class Settings:
     """Concurrent reconciles (different operations). Bounded so a burst of creations
     queues in memory instead of opening thousands of connections."""
     standalone: bool = False
-    """Run without kopf peering (one controller only; tests and local runs)."""
+    """One controller only (tests and local runs): act at once, without leader election.
+    Two standalone controllers on the same namespaces would both act."""
+    lease_name: str = LEASE_NAME
+    """The ``coordination.k8s.io/v1`` Lease of leader election."""
+    lease_namespace: str = ""
+    """Where the Lease lives; empty: ``system_namespace``. The chart uses the release's
+    namespace (where the controller runs)."""
+    lease_duration_seconds: float = LEASE_DURATION_SECONDS
+    """How long, after a standby last saw the Lease renewed, it waits before taking it
+    over (rounded up to whole seconds, as the Lease stores it). The takeover time after
+    a leader's crash; a clean shutdown releases the Lease, so no wait then."""
+    renew_deadline_seconds: float = RENEW_DEADLINE_SECONDS
+    """How long the leader keeps acting without a renewal going through; it then stops
+    reconciling and firing. Must be shorter than the lease duration: the margin is what
+    the old leader has to stop before a standby may start."""
+    retry_period_seconds: float = RETRY_PERIOD_SECONDS
+    """Gap between renewals (the leader: one API write each) and between a standby's
+    reads of the Lease. Idle cost: 60 / this many Lease writes per minute."""
+    identity: str = ""
+    """This replica's name in the Lease; empty: the pod name (``POD_NAME``, else the host
+    name) and a random suffix."""
     metrics_port: int = 0
     """Port of the Prometheus /metrics endpoint; 0 disables it."""
     post_events: bool = True
