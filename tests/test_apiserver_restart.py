@@ -26,6 +26,7 @@ from typing import Any
 
 import cs
 import kubernetes
+import prometheus_client
 import pytest
 import XenAPI
 from aiohttp import web
@@ -104,6 +105,13 @@ def test_the_api_server_restarts_mid_run(
                 webhook_initial_delay=0.2,
                 webhook_max_delay=1.0,
                 webhook_allow=("127.0.0.1/32",),
+                # As installed: leader election on, with short timings so that the outage
+                # (at least the dialects' retry budget) outlasts the renew deadline: the
+                # leader stops acting and takes the Lease again after the restart.
+                standalone=False,
+                lease_duration_seconds=6.0,
+                renew_deadline_seconds=4.0,
+                retry_period_seconds=1.0,
             ),
         ):
             key = make_key(api, gw, namespace)
@@ -131,6 +139,7 @@ def test_the_api_server_restarts_mid_run(
                 what="executors all started and recorded",
             )
 
+            terms = _leader_transitions()
             control_plane.stop_apiserver()
             outage = time.monotonic()
             # Every dialect's write, at once (each spends the client's retry budget).
@@ -158,6 +167,12 @@ def test_the_api_server_restarts_mid_run(
                 return True
 
             wait_for(recovered, timeout=60, what="the gateway to write again")
+            # The leader stopped acting during the outage and acts again.
+            wait_for(
+                lambda: _leader_transitions() == (terms[0] + 1, terms[1] + 1),
+                timeout=30,
+                what="the controller to lead again",
+            )
             recovery_seconds = time.monotonic() - outage - outage_seconds
             for seq in range(BATCH + 1, 2 * BATCH):
                 create(seq)
@@ -191,6 +206,18 @@ def test_the_api_server_restarts_mid_run(
         f"outage {outage_seconds:.1f}s, recovered {recovery_seconds:.1f}s after the restart,"
         f" whole run {time.monotonic() - started:.1f}s"
     )
+
+
+def _leader_transitions() -> tuple[float, float]:
+    """How often this process's controller became leader, and standby (its metric)."""
+
+    def count(to: str) -> float:
+        value = prometheus_client.REGISTRY.get_sample_value(
+            "opkeeper_controller_leader_transitions_total", {"to": to}
+        )
+        return value or 0.0
+
+    return count("leader"), count("standby")
 
 
 class Callers:
