@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from opkeeper import localcluster
+from tests import postgres_support
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,6 +92,12 @@ def namespace(request: pytest.FixtureRequest, api: kubernetes.client.ApiClient) 
     core.create_namespace({"metadata": {"name": name, "labels": {"opkeeper.dev/test": "true"}}})
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[postgres_support.PostgresServer]:
+    """A real PostgreSQL server (Debian's package) on a Unix socket in a temp dir."""
+    yield from postgres_support.running_server()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
