@@ -12,6 +12,10 @@ import urllib.parse
 
 from opkeeper.gateway import calllog, calllog_postgres, calllog_sqlite
 
+ENV = "OPKEEPER_CALL_LOG"
+"""Environment variable ``opkeeper gateway`` takes ``--call-log`` from when the option
+is not given: how a DSN with a password comes from a Secret (the chart does this)."""
+
 
 def is_postgres(location: str) -> bool:
     """Whether ``location`` names a PostgreSQL database rather than a SQLite file."""
