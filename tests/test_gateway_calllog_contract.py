@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
+from opkeeper import localpostgres
 from opkeeper.gateway import calllog, calllogs
-from tests import postgres_support
 
 UTC = datetime.UTC
 
@@ -33,7 +33,7 @@ def location(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator
     if request.param == "sqlite":
         yield str(tmp_path / "log.sqlite3")
         return
-    server: postgres_support.PostgresServer = request.getfixturevalue("postgres")
+    server: localpostgres.Server = request.getfixturevalue("postgres")
     yield server.new_database()
 
 

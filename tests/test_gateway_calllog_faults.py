@@ -27,8 +27,8 @@ from typing import Any
 import kubernetes
 import pytest
 
+from opkeeper import localpostgres
 from opkeeper.gateway import auth, calllog_postgres, server
-from tests import postgres_support
 from tests.gateway_support import (
     GatewayProcess,
     RunningGateway,
@@ -144,7 +144,7 @@ def key_namespace(api: kubernetes.client.ApiClient) -> str:
 def test_postgres_restart_under_load_loses_and_doubles_nothing(
     cluster: Any,
     api: kubernetes.client.ApiClient,
-    postgres: postgres_support.PostgresServer,
+    postgres: localpostgres.Server,
     key_namespace: str,
 ) -> None:
     settings = server.Settings(
@@ -241,7 +241,7 @@ class _Proxy:
 def test_two_replicas_killed_alternately_log_every_answered_call_once(
     cluster: Any,
     api: kubernetes.client.ApiClient,
-    postgres: postgres_support.PostgresServer,
+    postgres: localpostgres.Server,
     key_namespace: str,
     tmp_path: pathlib.Path,
 ) -> None:
