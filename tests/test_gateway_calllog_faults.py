@@ -40,6 +40,7 @@ from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
 
+_PASSWORD = "pw-never-in-the-output-7f3"
 UNAVAILABLE = 503
 """The XML-RPC fault code of errors.Unavailable (faults.XMLRPC)."""
 
@@ -245,7 +246,10 @@ def test_two_replicas_killed_alternately_log_every_answered_call_once(
     key_namespace: str,
     tmp_path: pathlib.Path,
 ) -> None:
-    dsn = postgres.new_database()
+    # With a password (trust auth ignores it): it must appear in no replica's output.
+    dsn = postgres.new_database().replace(
+        f"{localpostgres.USER}@", f"{localpostgres.USER}:{_PASSWORD}@"
+    )
     proxy = _Proxy()
     with contextlib.ExitStack() as stack:
         replicas: list[GatewayProcess] = []
@@ -291,3 +295,7 @@ def test_two_replicas_killed_alternately_log_every_answered_call_once(
             entries = _walk(direct)
             _check_exactly_once(entries, load)
         assert len(load.answered) >= 20 + 4 * 40
+    for output in tmp_path.glob("replica-*/gateway.log"):
+        text = output.read_text(errors="replace")
+        assert "call log: postgresql://" in text
+        assert _PASSWORD not in text

@@ -147,19 +147,18 @@ def shown(dsn: str) -> str:
     """``dsn`` as it may be logged: any password (in the URL or a ``password``
     parameter) replaced by ``***``."""
     parts = urllib.parse.urlsplit(dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, sep, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if sep else f"{user}@{hostport}"
-    query = urllib.parse.urlencode(
-        [
-            (k, "***" if k.lower() in ("password", "sslpassword") else v)
-            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        ],
-        safe="/",
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    netloc = f"{user}:***@{hostport}" if at and colon else parts.netloc
+    query = "&".join(
+        f"{k}=***" if k.lower() in ("password", "sslpassword") else f"{k}={v}" if sep else k
+        for k, sep, v in (pair.partition("=") for pair in parts.query.split("&") if pair)
     )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
