@@ -59,6 +59,7 @@ def test_retries_back_off_up_to_the_cap() -> None:
         (asyncpg.exceptions.AdminShutdownError("shutdown"), True),
         (asyncpg.exceptions.CannotConnectNowError("starting"), True),
         (asyncpg.exceptions.DeadlockDetectedError("deadlock"), True),
+        (asyncpg.exceptions.InternalClientError("cannot switch to state 12"), True),
         (asyncpg.exceptions.UniqueViolationError("dup"), False),
         (asyncpg.exceptions.UndefinedTableError("no table"), False),
         (ValueError(), False),

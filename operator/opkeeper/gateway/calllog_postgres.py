@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -82,6 +83,31 @@ INSERT INTO opkeeper_calls
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
                      $6::text[], $7::text[], $8::text[], $9::text[], $10::uuid[])
 """
+_APPEND = """
+WITH
+  rows AS (
+    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::uuid[])
+      WITH ORDINALITY AS u(tenant, ts, method, args, result, exception, address, usr, id, ord)
+  ),
+  wanted AS (SELECT tenant, count(*) AS n FROM rows GROUP BY tenant),
+  taken AS (
+    INSERT INTO opkeeper_call_serials AS s (tenant, last)
+    SELECT tenant, n FROM wanted ORDER BY tenant
+    ON CONFLICT (tenant) DO UPDATE SET last = s.last + excluded.last
+    RETURNING tenant, last
+  )
+INSERT INTO opkeeper_calls
+    (tenant, serial, ts, method, args, result, exception, address, "user", entry_id)
+SELECT rows.tenant,
+       taken.last - wanted.n + row_number() OVER (PARTITION BY rows.tenant ORDER BY rows.ord),
+       ts, method, args, result, exception, address, usr, id
+FROM rows JOIN wanted USING (tenant) JOIN taken USING (tenant)
+RETURNING entry_id, serial
+"""
+"""A fresh group in one statement, so one round trip (its own transaction): the same
+counter upsert (rows locked in tenant order until commit) and numbered insert as
+:data:`_TAKE_SERIALS` + :data:`_INSERT`, which a retried group uses."""
 _ALREADY = "SELECT entry_id, serial FROM opkeeper_calls WHERE entry_id = ANY($1::uuid[])"
 """Which entries of a retried group a lost commit did store."""
 _COLUMNS = 'serial, ts, method, args, result, exception, address, "user"'
@@ -100,6 +126,9 @@ _TRANSIENT = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A connection left in a state asyncpg cannot go on from (a shutdown notice that
+    # arrived while it was idle): the connection is dropped and the write retried.
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.TransactionRollbackError,
     asyncpg.exceptions.TooManyConnectionsError,
@@ -190,12 +219,8 @@ class _Pending:
     size: int
     retried: bool = False
     """A write of this entry failed before: its commit may have happened anyway."""
-
-
-def _consume(future: asyncio.Future[calllog.Serial]) -> None:
-    """Done callback of an entry nobody waits for any more: reports a lost one."""
-    if not future.cancelled() and future.exception() is not None:
-        log.error("a deferred call log entry could not be stored: %s", future.exception())
+    timer: asyncio.TimerHandle | None = None
+    """Defers the caller after ``append_wait_seconds`` (cancelled once settled)."""
 
 
 class PostgresCallLog(calllog.CallLog):
@@ -205,6 +230,8 @@ class PostgresCallLog(calllog.CallLog):
     def __init__(self, *, settings: PostgresSettings) -> None:
         self._settings = settings
         self._pool: Any = None
+        self._conn: Any = None
+        """The writer's connection, held between groups."""
         self._pending: collections.deque[_Pending] = collections.deque()
         self._buffered_bytes = 0
         self._wake = asyncio.Event()
@@ -283,15 +310,23 @@ class PostgresCallLog(calllog.CallLog):
         self._buffered_bytes += size
         self._idle.clear()
         self._wake.set()
-        if not self._down:
-            try:
-                return await asyncio.wait_for(
-                    asyncio.shield(pending.done), self._settings.append_wait_seconds
-                )
-            except TimeoutError:
-                pass
-        pending.done.add_done_callback(_consume)
-        raise calllog.Deferred("call log store unreachable; the entry is written when it is back")
+        if self._down:
+            self._defer(pending)
+        else:
+            # A timer, not asyncio.wait_for: no task per append (a call's logging stays
+            # cheap); the entry stays queued whatever happens to the caller.
+            pending.timer = asyncio.get_running_loop().call_later(
+                self._settings.append_wait_seconds, self._defer, pending
+            )
+        return await pending.done
+
+    @staticmethod
+    def _defer(pending: _Pending) -> None:
+        """Tell the caller the entry is left to the buffer (it stays queued)."""
+        if not pending.done.done():
+            pending.done.set_exception(
+                calllog.Deferred("call log store unreachable; the entry is written when it is back")
+            )
 
     async def _write_forever(self) -> None:
         failures = 0
@@ -342,19 +377,56 @@ class PostgresCallLog(calllog.CallLog):
     ) -> None:
         for n, pending in enumerate(group):
             self._buffered_bytes -= pending.size
-            if pending.done.done():
-                continue
-            if error is not None:
-                pending.done.set_exception(error)
-            else:
-                pending.done.set_result(serials[n])
+            if pending.timer is not None:
+                pending.timer.cancel()
+            if not pending.done.done():
+                if error is not None:
+                    pending.done.set_exception(error)
+                else:
+                    pending.done.set_result(serials[n])
+            elif error is not None:  # its caller was told "deferred": say it is lost
+                log.error("a deferred call log entry could not be stored: %s", error)
 
     async def _write(self, group: list[_Pending]) -> list[calllog.Serial]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            stored: dict[uuid.UUID, int] = {}
+        """Store ``group`` on the writer's connection (kept between groups: no pool
+        round trip per group); a failed connection is given back and a new one taken
+        at the next attempt."""
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        try:
             if any(p.retried for p in group):
-                rows = await conn.fetch(_ALREADY, [p.entry_id for p in group])
-                stored = {row[0]: int(row[1]) for row in rows}
+                return await self._write_retried(self._conn, group)
+            rows = await self._conn.fetch(
+                _APPEND,
+                [p.tenant for p in group],
+                [p.when for p in group],
+                [p.method for p in group],
+                [p.args_json for p in group],
+                [p.result_json for p in group],
+                [p.exception for p in group],
+                [p.address for p in group],
+                [p.user for p in group],
+                [p.entry_id for p in group],
+            )
+        except Exception:
+            await self._drop_connection()
+            raise
+        stored = {row[0]: int(row[1]) for row in rows}
+        return [calllog.Serial(stored[p.entry_id]) for p in group]
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()  # a broken or unknown state: never reused
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
+
+    async def _write_retried(self, conn: Any, group: list[_Pending]) -> list[calllog.Serial]:
+        """A group a failed attempt may have stored (its commit answer lost): what is
+        already there keeps its serial, the rest is numbered and inserted."""
+        async with conn.transaction():
+            rows = await conn.fetch(_ALREADY, [p.entry_id for p in group])
+            stored: dict[uuid.UUID, int] = {row[0]: int(row[1]) for row in rows}
             todo = [p for p in group if p.entry_id not in stored]
             wanted = collections.Counter(p.tenant for p in todo)
             if wanted:
@@ -454,6 +526,7 @@ class PostgresCallLog(calllog.CallLog):
             lost = list(self._pending)
             self._pending.clear()
             self._settle(lost, error=calllog.Unstored("the gateway stopped first"))
+        await self._drop_connection()
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), self._settings.close_timeout_seconds)
