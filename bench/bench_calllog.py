@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import pathlib
 import random
 import statistics
 import tempfile
@@ -42,29 +41,12 @@ WARMUP_SECONDS = 2.0
 STORES = ("sqlite", "postgresql")
 
 
-def _children(pid: int) -> list[int]:
-    """``pid`` and its child processes (PostgreSQL's backends are the postmaster's)."""
-    found = [pid]
-    for entry in pathlib.Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def _cpu_of(pid: int | None) -> float:
-    """CPU seconds of ``pid`` and its children so far (0 without a process)."""
-    if pid is None:
-        return 0.0
+def _cpu_of(postgres: localpostgres.Server | None) -> float:
+    """CPU seconds of the PostgreSQL server's processes so far (0 without one)."""
     total = 0.0
-    for each in _children(pid):
+    for pid in postgres.pids() if postgres is not None else []:
         try:
-            total += common.cpu_seconds(each)
+            total += common.cpu_seconds(pid)
         except OSError:
             continue  # a backend that ended meanwhile
     return total
@@ -83,7 +65,7 @@ async def run_store(
     *,
     store: str,
     location: str,
-    postgres_pid: int | None,
+    postgres: localpostgres.Server | None,
     size: int,
     duration: float,
     concurrency: int,
@@ -112,11 +94,11 @@ async def run_store(
         )
         parent.send("cpu")
         gateway_cpu = await loop.run_in_executor(None, parent.recv)
-        postgres_cpu = _cpu_of(postgres_pid)
+        postgres_cpu = _cpu_of(postgres)
         result = await bench_gateway.load(port, details, duration=duration, concurrency=concurrency)
         parent.send("cpu")
         gateway_cpu = await loop.run_in_executor(None, parent.recv) - gateway_cpu
-        postgres_cpu = _cpu_of(postgres_pid) - postgres_cpu
+        postgres_cpu = _cpu_of(postgres) - postgres_cpu
         parent.send("stop")
         peak = await loop.run_in_executor(None, parent.recv)
         process.join(60)
@@ -156,7 +138,7 @@ async def bench(
                 run = await run_store(
                     store=store,
                     location=location,
-                    postgres_pid=postgres.process.pid if store == "postgresql" else None,
+                    postgres=postgres if store == "postgresql" else None,
                     size=size,
                     duration=duration,
                     concurrency=concurrency,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
+import signal
 import time
 
 import asyncpg
@@ -185,5 +187,40 @@ def test_close_gives_up_on_a_dead_database_in_bounded_time(
             assert time.monotonic() - started < 5
         finally:
             postgres.start()
+
+    asyncio.run(main())
+
+
+def test_a_hanging_database_defers_callers_after_the_wait(
+    postgres: localpostgres.Server,
+) -> None:
+    """A database that stops answering (SIGSTOP: a network black hole, a frozen VM)
+    costs a call at most ``append_wait_seconds``, then nothing until it answers."""
+    dsn = postgres.new_database()
+    settings = calllog_postgres.PostgresSettings(dsn=dsn, append_wait_seconds=0.3)
+
+    async def main() -> None:
+        store = calllog_postgres.PostgresCallLog(settings=settings)
+        await store.open()
+        await store.append(tenant="t", method="m", args_json="", result_json="")
+        frozen = postgres.pids()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(calllog.Deferred):
+                await store.append(tenant="t", method="m", args_json="", result_json="")
+            assert 0.25 < time.monotonic() - started < 5
+            started = time.monotonic()
+            with pytest.raises(calllog.Deferred):
+                await store.append(tenant="t", method="m", args_json="", result_json="")
+            assert time.monotonic() - started < 0.1
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        await asyncio.wait_for(store._idle.wait(), 30)
+        assert [e.serial for e in await store.since(tenant="t", serial=0, limit=9)] == [1, 2, 3]
+        assert await store.append(tenant="t", method="m", args_json="", result_json="") == 4
+        await store.close()
 
     asyncio.run(main())

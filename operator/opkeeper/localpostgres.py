@@ -132,6 +132,23 @@ class Server:
         self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
         self.process = None
 
+    def pids(self) -> list[int]:
+        """The postmaster and its children (backends, writer, checkpointer, ...)."""
+        if self.process is None:
+            return []
+        found = [self.process.pid]
+        for entry in pathlib.Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # ended meanwhile
+            # The command name (field 2) may hold spaces: count fields after its ")".
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                found.append(int(entry.name))
+        return found
+
     def restart(self, *, mode: str = "fast") -> None:
         self.stop(mode=mode)
         self.start()

@@ -219,8 +219,6 @@ class _Pending:
     size: int
     retried: bool = False
     """A write of this entry failed before: its commit may have happened anyway."""
-    timer: asyncio.TimerHandle | None = None
-    """Defers the caller after ``append_wait_seconds`` (cancelled once settled)."""
 
 
 class PostgresCallLog(calllog.CallLog):
@@ -242,6 +240,11 @@ class PostgresCallLog(calllog.CallLog):
         self._accepting = False
         self._down = False
         """Set while the last write failed for want of the store: appends do not wait."""
+        self._stalled = False
+        """Set while a write has taken longer than ``append_wait_seconds``: appends do
+        not wait either (one timer per group, not one per append: logging stays cheap)."""
+        self._writing: list[_Pending] = []
+        """The group being written."""
 
     @property
     def buffered(self) -> int:
@@ -310,14 +313,8 @@ class PostgresCallLog(calllog.CallLog):
         self._buffered_bytes += size
         self._idle.clear()
         self._wake.set()
-        if self._down:
+        if self._down or self._stalled:
             self._defer(pending)
-        else:
-            # A timer, not asyncio.wait_for: no task per append (a call's logging stays
-            # cheap); the entry stays queued whatever happens to the caller.
-            pending.timer = asyncio.get_running_loop().call_later(
-                self._settings.append_wait_seconds, self._defer, pending
-            )
         return await pending.done
 
     @staticmethod
@@ -337,6 +334,10 @@ class PostgresCallLog(calllog.CallLog):
                 await self._wake.wait()
             count = min(len(self._pending), self._settings.batch_max)
             group = [self._pending.popleft() for _ in range(count)]
+            self._writing = group
+            watchdog = asyncio.get_running_loop().call_later(
+                self._settings.append_wait_seconds, self._stall
+            )
             try:
                 serials = await self._write(group)
             except asyncio.CancelledError:
@@ -357,16 +358,28 @@ class PostgresCallLog(calllog.CallLog):
                 for pending in group:
                     pending.retried = True
                 self._pending.extendleft(reversed(group))  # first again: serial order kept
+                for pending in self._pending:  # nobody waits for the store to come back
+                    self._defer(pending)
                 await asyncio.sleep(retry_delay(failures=failures, settings=self._settings))
                 continue
+            finally:
+                watchdog.cancel()
+                self._writing = []
             if self._down:
                 log.info(
                     "call log store reachable again; writing %d buffered entries",
                     len(self._pending) + len(group),
                 )
             failures = 0
-            self._down = False
+            self._down = self._stalled = False
             self._settle(group, serials=serials)
+
+    def _stall(self) -> None:
+        """A write is taking too long: its callers and those queued behind it are told
+        their entries are deferred (they stay queued), and new appends do not wait."""
+        self._stalled = True
+        for pending in itertools.chain(self._writing, self._pending):
+            self._defer(pending)
 
     def _settle(
         self,
@@ -377,8 +390,6 @@ class PostgresCallLog(calllog.CallLog):
     ) -> None:
         for n, pending in enumerate(group):
             self._buffered_bytes -= pending.size
-            if pending.timer is not None:
-                pending.timer.cancel()
             if not pending.done.done():
                 if error is not None:
                     pending.done.set_exception(error)
