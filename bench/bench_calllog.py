@@ -158,8 +158,22 @@ async def bench(
         "mean_req_per_s": {s: round(v, 1) for s, v in rate.items()},
         "mean_p99_ms": {s: round(v, 2) for s, v in p99.items()},
         "postgresql_of_sqlite": round(rate["postgresql"] / rate["sqlite"], 3),
+        # CPU per call: steadier than req/s when other jobs share the machine.
+        "mean_cpu_us_per_call": _cpu_per_call(runs),
         "of_http_only": {s: round(v / http_only["req_per_s"], 3) for s, v in rate.items()},
         "every_call_logged": all(r["calls_logged"] == r["calls_answered"] for r in runs),
+    }
+
+
+def _cpu_per_call(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per store: the gateway's and PostgreSQL's mean CPU µs per call."""
+    return {
+        store: {
+            side: round(statistics.mean(r[f"{side}_cpu_us_per_call"] for r in mine))
+            for side in ("gateway", "postgres")
+        }
+        for store in STORES
+        if (mine := [r for r in runs if r["store"] == store])
     }
 
 
@@ -188,11 +202,15 @@ def markdown(report: dict[str, Any]) -> str:
             f" | {run['calls_answered']:,} / {run['calls_logged']:,} |"
         )
     rate, p99 = result["mean_req_per_s"], result["mean_p99_ms"]
+    cpu = result["mean_cpu_us_per_call"]
     lines += [
         "",
         f"- Mean req/s: SQLite {rate['sqlite']:,.1f}, PostgreSQL {rate['postgresql']:,.1f}:"
         f" PostgreSQL at **{result['postgresql_of_sqlite']:.2f}** of SQLite's rate"
         f" (p99 {p99['sqlite']} ms vs {p99['postgresql']} ms).",
+        f"- Mean CPU µs per call: SQLite {cpu['sqlite']['gateway']} (gateway);"
+        f" PostgreSQL {cpu['postgresql']['gateway']} (gateway)"
+        f" + {cpu['postgresql']['postgres']} (PostgreSQL's processes).",
         f"- HTTP-only ceiling in the same run: {result['http_only']['req_per_s']:,.1f} req/s;"
         f" of it: SQLite {result['of_http_only']['sqlite']:.2f},"
         f" PostgreSQL {result['of_http_only']['postgresql']:.2f}.",
