@@ -160,7 +160,9 @@ class CallLog(abc.ABC):
         """Log one call; returns its serial once the entry is durable and visible.
 
         Every field is capped and cleaned here, whatever the store, so no caller can
-        make an entry larger than a few KiB or one a store refuses.
+        make an entry larger than a few KiB or one a store refuses. A store that
+        cannot write now may raise :class:`Deferred` (kept, written later) or
+        :class:`Unstored` (dropped); either way the call itself is answered as usual.
         """
         return await self._append(
             tenant=tenant,
