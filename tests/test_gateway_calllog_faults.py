@@ -290,6 +290,11 @@ def test_two_replicas_killed_alternately_log_every_answered_call_once(
                 load.progressed(20, what=f"calls with both replicas (round {round_})")
         proxy.close()
         assert load.faults == []
+        for n, replica in enumerate(replicas):  # the first session, on each replica directly
+            marker = f"direct-{n}"
+            client = xmlrpc.client.ServerProxy(f"{replica.url}/xmlrpc", transport=_OneTry())
+            assert client.operation_list(session, {"type": marker}) == []
+            load.answered.append(marker)
         for replica in replicas:
             direct = xmlrpc.client.ServerProxy(f"http://user:{key}@127.0.0.1:{replica.port}/xmlrpc")
             entries = _walk(direct)
