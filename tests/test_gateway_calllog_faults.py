@@ -142,7 +142,9 @@ def key_namespace(api: kubernetes.client.ApiClient) -> str:
     return name
 
 
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_postgres_restart_under_load_loses_and_doubles_nothing(
+    mode: str,
     cluster: Any,
     api: kubernetes.client.ApiClient,
     postgres: localpostgres.Server,
@@ -167,7 +169,7 @@ def test_postgres_restart_under_load_loses_and_doubles_nothing(
 
         with Load(call=call, threads=2) as load:
             load.progressed(50, what="calls before the restart")
-            postgres.stop(mode="fast")
+            postgres.stop(mode=mode)  # immediate: a crash, recovery at the start
             try:
                 wait_for(lambda: store.down, timeout=30, what="the store to notice the outage")
                 load.progressed(30, what="calls answered during the outage")
