@@ -224,3 +224,40 @@ def test_a_hanging_database_defers_callers_after_the_wait(
         await store.close()
 
     asyncio.run(main())
+
+
+class _Bug(BaseException):
+    """What a bug in the writer would raise (not an Exception: nothing catches it)."""
+
+
+def test_a_writer_that_dies_leaves_nobody_waiting(postgres: localpostgres.Server) -> None:
+    dsn = postgres.new_database()
+
+    async def main() -> None:
+        store = calllog_postgres.PostgresCallLog(
+            settings=calllog_postgres.PostgresSettings(dsn=dsn)
+        )
+        await store.open()
+
+        async def broken(group: object) -> list[calllog.Serial]:
+            raise _Bug
+
+        store._write = broken  # type: ignore[method-assign]
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        store.append(tenant="t", method="m", args_json="", result_json="")
+                        for _ in range(5)
+                    ),
+                    return_exceptions=True,
+                ),
+                10,
+            )
+            assert all(isinstance(r, calllog.Unstored) for r in results)
+            with pytest.raises(RuntimeError):
+                await store.append(tenant="t", method="m", args_json="", result_json="")
+        finally:
+            await store.close()
+
+    asyncio.run(main())

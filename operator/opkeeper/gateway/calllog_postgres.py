@@ -276,6 +276,19 @@ class PostgresCallLog(calllog.CallLog):
             raise
         self._accepting = True
         self._writer = asyncio.create_task(self._write_forever(), name="calllog-pg-writer")
+        self._writer.add_done_callback(self._writer_ended)
+
+    def _writer_ended(self, writer: asyncio.Task[None]) -> None:
+        """A writer that died of a bug must not leave appends waiting forever: the store
+        stops accepting (callers count a failure) and what was queued is failed."""
+        if writer.cancelled() or writer.exception() is None:
+            return
+        log.error("the call log writer died", exc_info=writer.exception())
+        self._accepting = False
+        queued = list(self._pending)
+        self._pending.clear()
+        self._settle(queued, error=calllog.Unstored("the call log writer died"))
+        self._idle.set()
 
     async def _append(
         self,
@@ -340,9 +353,6 @@ class PostgresCallLog(calllog.CallLog):
             )
             try:
                 serials = await self._write(group)
-            except asyncio.CancelledError:
-                self._settle(group, error=calllog.Unstored("the gateway stopped first"))
-                raise
             except Exception as exc:
                 if not is_transient(exc):
                     self._settle(group, error=exc)
@@ -362,6 +372,9 @@ class PostgresCallLog(calllog.CallLog):
                     self._defer(pending)
                 await asyncio.sleep(retry_delay(failures=failures, settings=self._settings))
                 continue
+            except BaseException:  # cancelled by close(), or a bug: nobody left waiting
+                self._settle(group, error=calllog.Unstored("the call log writer stopped"))
+                raise
             finally:
                 watchdog.cancel()
                 self._writing = []
