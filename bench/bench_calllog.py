@@ -218,6 +218,19 @@ def markdown(report: dict[str, Any]) -> str:
         *report["notes"],
         "",
     ]
+    earlier = report.get("history", [])
+    if earlier:
+        lines += ["## Earlier runs", ""]
+        for old in earlier:
+            r = old["result"]
+            lines.append(
+                f"- {old['when']}: SQLite {r['mean_req_per_s']['sqlite']:,.1f} req/s,"
+                f" PostgreSQL {r['mean_req_per_s']['postgresql']:,.1f} req/s"
+                f" ({r['postgresql_of_sqlite']:.2f}); {r['repeat']} rounds of"
+                f" {r['duration']:g} s; load average at the end"
+                f" {old['machine']['load_average_at_end'][0]:.1f}."
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -248,6 +261,8 @@ def main() -> int:
         "postgresql": version,
         "result": result,
         "notes": [f"- {note}" for note in args.note],
+        # Earlier runs are kept, newest first, so a re-run never erases its comparison.
+        "history": bench_gateway.history(args.out, args.name),
     }
     common.write_results(args.out, args.name, report, markdown(report))
     return 0 if result["every_call_logged"] else 1
