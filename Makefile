@@ -14,7 +14,7 @@ help:
 	@echo "make cluster     only the local control plane; prints the kubeconfig path"
 	@echo "make crds        regenerate crds/ from the models"
 	@echo "make lint        ruff and mypy"
-	@echo "make clients     the legacy clients the tests run: Perl, PHP, curl, xmllint (Debian)"
+	@echo "make clients     the legacy clients the tests run: Perl, PHP, curl, xmllint, PostgreSQL (Debian)"
 	@echo "make bench       the benchmarks under bench/"
 
 $(STAMP): pyproject.toml
@@ -33,9 +33,11 @@ binaries: install
 # Perl's XMLRPC::Lite and PHP's xmlrpc extension, from Debian's packages (apt-get as root,
 # through sudo otherwise). The package lists are refreshed only when an install fails.
 # The BDOM tests (tests/test_bdom.py) drive the gateway with curl and read answers with
-# xmllint, as BDOM's shell clients do.
-CLIENT_PACKAGES := libxmlrpc-lite-perl php-cli php-xmlrpc curl libxml2-utils
-CLIENT_CHECK := command -v curl >/dev/null && command -v xmllint >/dev/null
+# xmllint, as BDOM's shell clients do. The PostgreSQL call log's tests start Debian's
+# PostgreSQL server (tests/postgres_support.py; as nobody when run as root).
+CLIENT_PACKAGES := libxmlrpc-lite-perl php-cli php-xmlrpc curl libxml2-utils postgresql
+CLIENT_CHECK := command -v curl >/dev/null && command -v xmllint >/dev/null \
+  && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1
 clients:
 	@if perl -MXMLRPC::Lite -e1 2>/dev/null && php -m 2>/dev/null | grep -qix xmlrpc && $(CLIENT_CHECK); then \
 	  exit 0; \

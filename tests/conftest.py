@@ -21,7 +21,7 @@ import kubernetes
 import pytest
 import yaml
 
-from opkeeper import localcluster
+from opkeeper import localcluster, localpostgres
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,6 +91,18 @@ def namespace(request: pytest.FixtureRequest, api: kubernetes.client.ApiClient) 
     core.create_namespace({"metadata": {"name": name, "labels": {"opkeeper.dev/test": "true"}}})
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[localpostgres.Server]:
+    """A real PostgreSQL server (Debian's package) on a Unix socket in a temp dir;
+    fails (never skips) when it is not installed."""
+    try:
+        bin_dir = localpostgres.binaries()
+    except localpostgres.Missing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with localpostgres.started(bin_dir=bin_dir) as server:
+        yield server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

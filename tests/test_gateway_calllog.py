@@ -12,13 +12,15 @@ import threading
 
 import pytest
 
-from opkeeper.gateway import calllog
+from opkeeper.gateway import calllog, calllog_sqlite
 
 UTC = datetime.UTC
 
 
-async def _open(path: pathlib.Path, **kw: int) -> calllog.SqliteCallLog:
-    store = calllog.SqliteCallLog(settings=calllog.SqliteSettings(path=str(path), **kw))
+async def _open(path: pathlib.Path, **kw: int) -> calllog_sqlite.SqliteCallLog:
+    store = calllog_sqlite.SqliteCallLog(
+        settings=calllog_sqlite.SqliteSettings(path=str(path), **kw)
+    )
     await store.open()
     return store
 
@@ -192,7 +194,7 @@ def test_the_event_loop_never_waits_on_sqlite(tmp_path: pathlib.Path) -> None:
         touched: set[int] = set()
         original = store._write_batch
 
-        def spy(rows: list[calllog._Row]) -> list[calllog.Serial]:
+        def spy(rows: list[calllog_sqlite._Row]) -> list[calllog.Serial]:
             touched.add(threading.get_ident())
             return original(rows)
 

@@ -26,7 +26,7 @@ import prometheus_client.parser
 import pytest
 
 from opkeeper import GROUP, VERSION, kube
-from opkeeper.gateway import auth, calllog, server, service
+from opkeeper.gateway import auth, calllog_sqlite, server, service
 from tests.gateway_support import (
     RunningGateway,
     fault_of,
@@ -646,8 +646,8 @@ def test_health_readiness_and_metrics(
 def test_readyz_waits_for_the_first_list(cluster: Any, tmp_path: pathlib.Path) -> None:
     async def main() -> tuple[bool, bool]:
         credentials = kube.Credentials.from_kubeconfig(cluster.kubeconfig)
-        store = calllog.SqliteCallLog(
-            settings=calllog.SqliteSettings(path=str(tmp_path / "log.sqlite3"))
+        store = calllog_sqlite.SqliteCallLog(
+            settings=calllog_sqlite.SqliteSettings(path=str(tmp_path / "log.sqlite3"))
         )
         await store.open()
         async with kube.Client(credentials) as client:

@@ -9,9 +9,10 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 
 from opkeeper import logs
-from opkeeper.gateway import aggregated, auth, calllog, server, service, xmlrpc
+from opkeeper.gateway import aggregated, auth, calllog, calllogs, server, service, xmlrpc
 from opkeeper.gateway.dialects import cloudstack
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--call-log",
-        default=defaults.call_log_path,
-        help="SQLite file of the gocept call log (put it on a volume)",
+        default=os.environ.get(calllogs.ENV, defaults.call_log_path),
+        help="the gocept call log: a SQLite file (put it on a volume), or a"
+        " postgresql://user:password@host/db DSN shared by several replicas"
+        f" (default ${calllogs.ENV}, then {defaults.call_log_path}; give a DSN with a"
+        f" password through ${calllogs.ENV}, which no process listing shows)",
     )
     parser.add_argument(
         "--key-namespace",
@@ -182,7 +186,7 @@ def _aggregated_from(args: argparse.Namespace) -> aggregated.Settings | None:
 def run(args: argparse.Namespace) -> int:
     logs.setup(level=args.log_level, fmt=args.log_format)
     settings = settings_from(args)
-    log.info("call log: %s (kept %s)", settings.call_log_path, calllog.RETENTION)
+    log.info("call log: %s (kept %s)", calllogs.shown(settings.call_log_path), calllog.RETENTION)
     if settings.workers > 1:
         return server.serve_workers(
             settings=settings,

@@ -55,6 +55,7 @@ from opkeeper.gateway import (
     auth,
     cache,
     calllog,
+    calllogs,
     dialects,
     faults,
     kubeio,
@@ -80,7 +81,8 @@ class Settings:
     port: int = 8480
     """TCP port (default 8480)."""
     call_log_path: str = "opkeeper-calllog.sqlite3"
-    """The SQLite call log file; on a persistent volume in a cluster."""
+    """The call log: a SQLite file (on a persistent volume in a cluster), or a
+    ``postgresql://`` DSN shared by several replicas (:mod:`.calllogs`)."""
     system_namespace: str = "opkeeper-system"
     """Where the id counter lives (shared with the controller)."""
     keyring: auth.KeyRingSettings = dataclasses.field(default_factory=auth.KeyRingSettings)
@@ -761,11 +763,7 @@ async def running(
     store = call_log
     own_store = store is None
     if store is None:
-        sqlite_store = calllog.SqliteCallLog(
-            settings=calllog.SqliteSettings(path=settings.call_log_path)
-        )
-        await sqlite_store.open()
-        store = sqlite_store
+        store = await calllogs.open_store(location=settings.call_log_path)
     gateway = Gateway(
         settings=settings,
         kube_client=kube_client,
