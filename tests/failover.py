@@ -23,13 +23,9 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import os
 import pathlib
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -40,7 +36,7 @@ from aiohttp import web
 
 from opkeeper import GROUP, VERSION
 from opkeeper.executors import job
-from tests.helpers import FakeExternalSystem, Ops, complete_job, wait_for
+from tests.helpers import ControllerProcess, FakeExternalSystem, Ops, complete_job, wait_for
 
 KINDS = ("job", "webhook", "external")
 """Executors in flight during the run (one in three operations each)."""
@@ -169,7 +165,7 @@ class Receiver(FakeExternalSystem):
         return web.json_response({"state": "running"})
 
 
-class Replica:
+class Replica(ControllerProcess):
     """One ``opkeeper controller`` process of the pair, restarted under a new identity
     after each kill (what a Deployment does with a crashed pod)."""
 
@@ -183,63 +179,35 @@ class Replica:
         logs: pathlib.Path,
         metrics_port: int = 0,
     ) -> None:
+        super().__init__(env=env, namespace=namespace, log=logs / "unstarted.log")
         self.slot = slot
         self.metrics_port = metrics_port
         self._plan = plan
-        self._env = env
-        self._namespace = namespace
         self._logs = logs
         self.generation = 0
         self.identity = ""
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.generation += 1
         self.identity = f"replica-{self.slot}-{self.generation}"
-        log = self._logs / f"{self.identity}.log"
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "opkeeper.cli",
-                    "controller",
-                    "-n",
-                    self._namespace,
-                    "--lease-namespace",
-                    self._namespace,
-                    "--identity",
-                    self.identity,
-                    "--lease-duration",
-                    str(self._plan.lease_duration),
-                    "--renew-deadline",
-                    str(self._plan.renew_deadline),
-                    "--retry-period",
-                    str(self._plan.retry_period),
-                    "--webhook-allow",
-                    "127.0.0.1/32",
-                    "--metrics-port",
-                    str(self.metrics_port),
-                    "--log-level",
-                    "info",
-                ],
-                env={**self._env, "PYTHONUNBUFFERED": "1"},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self._log = self._logs / f"{self.identity}.log"
+        self._args = [
+            "--lease-namespace",
+            self._namespace,
+            "--identity",
+            self.identity,
+            "--lease-duration",
+            str(self._plan.lease_duration),
+            "--renew-deadline",
+            str(self._plan.renew_deadline),
+            "--retry-period",
+            str(self._plan.retry_period),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--log-level",
+            "info",
+        ]
+        super().start()
 
 
 def holder(ops: Ops) -> str:

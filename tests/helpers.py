@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Self, TypeVar
 
 import kubernetes
@@ -162,10 +162,18 @@ def controller_in_thread(*, kubeconfig: str, namespace: str, **overrides: Any) -
 class ControllerProcess:
     """The controller as a subprocess (`opkeeper controller`), for kill -9 tests."""
 
-    def __init__(self, *, env: dict[str, str], namespace: str, log: pathlib.Path) -> None:
+    def __init__(
+        self,
+        *,
+        env: dict[str, str],
+        namespace: str,
+        log: pathlib.Path,
+        args: Sequence[str] = ("--standalone", "--log-level", "debug"),
+    ) -> None:
         self._env = env
         self._namespace = namespace
         self._log = log
+        self._args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -176,11 +184,9 @@ class ControllerProcess:
                     "-m",
                     "opkeeper.cli",
                     "controller",
-                    "--standalone",
                     "-n",
                     self._namespace,
-                    "--log-level",
-                    "debug",
+                    *self._args,
                     # The tests' webhook servers listen on loopback, which is refused by default.
                     "--webhook-allow",
                     "127.0.0.1/32",
