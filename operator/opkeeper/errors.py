@@ -43,3 +43,12 @@ class IllegalTransition(OpkeeperError):
 
 class Unavailable(OpkeeperError):
     """A dependency (API server, store) is not reachable right now; retrying may help."""
+
+
+class RateLimited(Unavailable):
+    """The caller's namespace is over its write budget; retrying after ``retry_after``
+    seconds will do. Each protocol answers it as its "temporarily unavailable"."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

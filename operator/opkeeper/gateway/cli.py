@@ -12,7 +12,7 @@ import logging
 import os
 
 from opkeeper import logs
-from opkeeper.gateway import aggregated, auth, calllog, calllogs, server, service, xmlrpc
+from opkeeper.gateway import aggregated, auth, calllog, calllogs, ratelimit, server, service, xmlrpc
 from opkeeper.gateway.dialects import cloudstack
 
 log = logging.getLogger(__name__)
@@ -142,11 +142,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f" {service.Settings().write_visible_timeout_seconds:g}); past it the call succeeds"
         " anyway and opkeeper_gateway_writes_not_visible_total counts it",
     )
+    budget = ratelimit.Settings()
+    parser.add_argument(
+        "--tenant-write-rate",
+        type=float,
+        default=budget.writes_per_second,
+        metavar="PER_SECOND",
+        help="sustained legacy writes per tenant namespace and gateway process; more are"
+        f" answered 'temporarily unavailable' (default {budget.writes_per_second:g}; 0: no limit)",
+    )
+    parser.add_argument(
+        "--tenant-write-burst",
+        type=int,
+        default=budget.burst,
+        metavar="WRITES",
+        help=f"writes a tenant may make at once after a quiet spell (default {budget.burst})",
+    )
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", choices=logs.FORMATS, default=logs.DEFAULT_FORMAT)
 
 
 def settings_from(args: argparse.Namespace) -> server.Settings:
+    if args.tenant_write_rate < 0 or args.tenant_write_burst < 1:
+        raise SystemExit(
+            "opkeeper gateway: --tenant-write-rate must be >= 0 and --tenant-write-burst >= 1"
+        )
     key_namespace = None if args.key_namespace == "*" else args.key_namespace
     return server.Settings(
         host=args.host,
@@ -159,6 +179,9 @@ def settings_from(args: argparse.Namespace) -> server.Settings:
         service=service.Settings(
             executors=server.executors_from(args.executor),
             write_visible_timeout_seconds=args.write_visible_timeout,
+            writes=ratelimit.Settings(
+                writes_per_second=args.tenant_write_rate, burst=args.tenant_write_burst
+            ),
         ),
         limits=dataclasses.replace(xmlrpc.DEFAULT_LIMITS, max_body_bytes=args.max_body),
         cloudstack=cloudstack.Settings(commands=cloudstack.commands_from(args.cloudstack_command)),

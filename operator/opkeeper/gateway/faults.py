@@ -54,6 +54,7 @@ XMLRPC_ROWS: tuple[Row, ...] = (
     Row(error=errors.NotFound, code=404, name="not_found"),
     Row(error=errors.Conflict, code=409, name="conflict"),
     Row(error=errors.IllegalTransition, code=422, name="illegal_transition"),
+    Row(error=errors.RateLimited, code=429, name="rate_limited"),
     Row(error=errors.Unavailable, code=503, name="unavailable"),
     Row(error=errors.OpkeeperError, code=500, name="error"),
 )
@@ -145,6 +146,7 @@ GANDI = Table(
         Row(error=errors.Forbidden, code=510050, name="forbidden"),
         Row(error=errors.IllegalTransition, code=510060, name="illegal_transition"),
         # Server (1): object 100 the store (the API server), 500 the application.
+        Row(error=errors.RateLimited, code=110030, name="rate_limited"),
         Row(error=errors.Unavailable, code=110010, name="unavailable"),
         Row(error=errors.Conflict, code=110020, name="conflict"),
         Row(error=xmlrpc.NotRepresentable, code=150010, name="not_representable"),

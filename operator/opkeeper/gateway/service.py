@@ -40,7 +40,7 @@ from typing import Any, Literal, Protocol
 import pydantic
 
 from opkeeper import API_VERSION, errors, ids, kube, models, names, states
-from opkeeper.gateway import auth, cache, calllog, records
+from opkeeper.gateway import auth, cache, calllog, ratelimit, records
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,9 @@ class Settings:
     a relaunch or a cancel, the controller has acted on it (default 10 s). Past it the
     write stands and the call answers success anyway; a line is logged and
     ``opkeeper_gateway_writes_not_visible_total`` counts it."""
+    writes: ratelimit.Settings = dataclasses.field(default_factory=ratelimit.Settings)
+    """Each tenant namespace's write budget in this process (every write method charges
+    it first; an ``apply`` batch one per record)."""
 
     def executor_for(self, type_: str) -> dict[str, Any]:
         return dict(self.executors.get(type_, self.default_executor))
@@ -224,6 +227,7 @@ class Service:
         self.call_log = call_log
         self.settings = settings
         self._on_write_not_visible = on_write_not_visible
+        self._budget = ratelimit.Limiter(settings=settings.writes)
 
     # --- reads ---------------------------------------------------------------
 
@@ -331,6 +335,7 @@ class Service:
         """Create an Operation named ``op-<id>`` with the type's configured executor
         (and ``annotations``: only :data:`.cache.KEPT_ANNOTATIONS`, e.g. XenAPI's name
         label and description)."""
+        self._budget.charge(tenant=who.tenant)
         extra = _kept_annotations(annotations or {})
         try:
             spec = models.OperationSpec.model_validate(
@@ -369,6 +374,7 @@ class Service:
     ) -> None:
         """Merge ``params`` into the operation's params, bump ``spec.relaunch`` and withdraw
         an earlier ``spec.cancel`` (still present, it would cancel the new attempt)."""
+        self._budget.charge(tenant=who.tenant)
 
         def plan(entry: cache.OperationEntry) -> Body | None:
             states.transition(entry.state, states.Event.RELAUNCH)
@@ -394,6 +400,7 @@ class Service:
 
     async def cancel(self, *, who: auth.Identity, id_: cache.OpId) -> None:
         """Set ``spec.cancel``; refused (IllegalTransition) once the operation finished."""
+        self._budget.charge(tenant=who.tenant)
 
         def plan(entry: cache.OperationEntry) -> Body | None:
             states.transition(entry.state, states.Event.CANCEL)
@@ -415,6 +422,7 @@ class Service:
         """Set annotations of :data:`.cache.KEPT_ANNOTATIONS` on an operation in any state
         (a merge patch: nothing else changes, so no version condition is needed); answers
         once the next read shows them."""
+        self._budget.charge(tenant=who.tenant)
         patch = {"metadata": {"annotations": _kept_annotations(annotations)}}
         entry = self.operations.get_id(who.tenant, id_) or await self._fetch_id(who=who, id_=id_)
         try:
@@ -432,6 +440,7 @@ class Service:
     async def destroy(self, *, who: auth.Identity, id_: cache.OpId) -> None:
         """Delete a finished operation (an unfinished one must be cancelled first, so no
         work runs on without a record); answers once the next read no longer shows it."""
+        self._budget.charge(tenant=who.tenant)
         entry = self.operations.get_id(who.tenant, id_) or await self._fetch_id(who=who, id_=id_)
         if not states.is_terminal(entry.state):
             entry = await self._fetch(entry, id_=id_)  # the cache may lag behind
@@ -608,6 +617,7 @@ class Service:
         (with the type's configured executor) at ``exec_at``. The id is allocated and
         sealed here, as for :meth:`create`, so the caller is answered with it at once and
         the controller keeps it."""
+        self._budget.charge(tenant=who.tenant)
         try:
             spec = models.ScheduledTaskSpec.model_validate(
                 {
@@ -712,6 +722,7 @@ class Service:
                 f"apply takes at most {self.settings.apply_max_records} records per call,"
                 f" got {len(batch)}"
             )
+        self._budget.charge(tenant=who.tenant, cost=max(1, len(batch)))
         parsed = [records.parse(i, record) for i, record in enumerate(batch)]
         seen: set[tuple[str, str]] = set()
         for p in parsed:

@@ -32,6 +32,7 @@ import binascii
 import dataclasses
 import datetime
 import logging
+import math
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
@@ -141,6 +142,7 @@ FAULTS = faults.Table(
         faults.Row(error=errors.NotFound, code=404, name="not_found"),
         faults.Row(error=errors.Conflict, code=409, name="conflict"),
         faults.Row(error=errors.IllegalTransition, code=409, name="illegal_transition"),
+        faults.Row(error=errors.RateLimited, code=429, name="rate_limited"),
         faults.Row(error=errors.Unavailable, code=503, name="unavailable"),
         faults.Row(error=errors.OpkeeperError, code=500, name="error"),
     ),
@@ -904,6 +906,8 @@ class Endpoint:
             headers["WWW-Authenticate"] = REALM
         if isinstance(exc, MethodNotAllowed):
             headers["Allow"] = exc.allow
+        if isinstance(exc, errors.RateLimited):
+            headers["Retry-After"] = str(math.ceil(exc.retry_after))
         return Reply(
             status=fault.code,
             body=error_document(fault),

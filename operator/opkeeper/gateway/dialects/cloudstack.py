@@ -137,6 +137,8 @@ ERROR_ROWS: tuple[ErrorRow, ...] = (
              cserrorcode=4365),
     ErrorRow(row=faults.Row(error=errors.Conflict, code=530, name="conflict"),
              cserrorcode=4300),
+    ErrorRow(row=faults.Row(error=errors.RateLimited, code=429, name="rate_limited"),
+             cserrorcode=4380),
     ErrorRow(row=faults.Row(error=errors.Unavailable, code=534, name="unavailable"),
              cserrorcode=4380),
     ErrorRow(row=faults.Row(error=errors.OpkeeperError, code=530, name="error"),
