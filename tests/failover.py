@@ -314,6 +314,15 @@ def run(
                 leader = wait_for(
                     lambda: _live_leader(ops, replicas), timeout=120, what="a live leader"
                 )
+                # Kill only once the other replica stands by (a replacement still starting
+                # up would add its start-up to the takeover).
+                wait_for(
+                    lambda leader=leader: all(
+                        "standing by" in r.log() for r in replicas if r is not leader
+                    ),
+                    timeout=120,
+                    what="a standby",
+                )
                 killed_at = time.monotonic()
                 leader.kill()
                 kill = Kill(victim=leader.identity, killed_wall=time.time())

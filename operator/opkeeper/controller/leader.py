@@ -359,6 +359,10 @@ class Elector:
 
     def _see(self, record: Record | None, *, at: float) -> None:
         if record != self._observed[0]:
+            seen = self._observed[0].holder if self._observed[0] is not None else ""
+            holder = record.holder if record is not None else ""
+            if holder not in (seen, "", self.identity):
+                logger.info("leader election: %s held by %s; standing by", self._name, holder)
             self._observed = (record, at)
 
     async def _start_acting(self) -> None:
