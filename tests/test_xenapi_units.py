@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from opkeeper import errors, names, states
-from opkeeper.gateway import cache, revocations, xenevents, xenfaults
+from opkeeper.gateway import cache, calllog, revocations, rpc, xenevents, xenfaults
 from opkeeper.gateway import xmlrpc as codec
 from opkeeper.gateway.dialects import xenapi
 
@@ -202,3 +202,31 @@ def test_answers_with_every_task_are_bounded() -> None:
     assert xenfaults.row_for(errors.Forbidden("x"), xenfaults.Context(method="")).code == (
         "OPERATION_NOT_ALLOWED"
     )
+
+
+def test_the_kept_record_answer_is_sendable_and_logged_without_a_redact_walk() -> None:
+    failed = cache.OperationEntry.from_object(
+        _op(
+            "x",
+            id_=5,
+            rv=5,
+            state="FailedExternal",
+            errorCode=2**40,
+            errorInfo=["bad\x00byte", 3],
+            spec={"type": "t\x01"},
+            metadata={"annotations": {cache.NAME_DESCRIPTION_ANNOTATION: "a\x02<b>&"}},
+        )
+    )
+    record = xenapi.task_record(failed)
+    names_used = {*record, *record["other_config"]}
+    assert names_used == set(xenapi.RECORD_FIELDS)
+    assert not [n for n in xenapi.RECORD_FIELDS if calllog.is_secret_name(n)]
+    # Free-form values are made sendable as rpc.wire would: U+FFFD, big ints as strings.
+    assert record["error_code"] == str(2**40)
+    assert record["error_info"] == ["bad\ufffdbyte", "3"]
+    assert (record["type"], record["name_description"]) == ("t\ufffd", "a\ufffd<b>&")
+    assert record == rpc.wire(record)
+    answer = xenapi._record_answer(failed)
+    assert xenapi._record_answer(failed) is answer  # kept with the entry version
+    assert answer.body == codec.encode_response(xenapi._envelope(record))
+    assert answer.result_json == rpc.to_json(calllog.redact(record))
