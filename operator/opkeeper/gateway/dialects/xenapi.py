@@ -1,4 +1,4 @@
-"""The XenAPI dialect (``POST /xenapi``): sessions, the task class over Operations, event.from.
+"""The XenAPI dialect (``POST /xenapi``): sessions, the task class over Operations, events.
 
 XenAPI is XML-RPC with its own envelope: every answer is a struct,
 ``{Status: Success, Value: ...}`` or ``{Status: Failure, ErrorDescription:
@@ -171,6 +171,7 @@ class Endpoint:
         self.limits = limits
         self.on_log_failure = on_log_failure
         self.event_answers = _Answers()
+        self.registrations = xenevents.Registrations(settings=self.settings.events)
         self._logging: set[asyncio.Task[None]] = set()
         """Call-log writes of long polls still in flight (kept referenced until done)."""
 
@@ -456,6 +457,7 @@ async def _login(ep: Endpoint, call: Call) -> str:
 async def _logout(ep: Endpoint, call: Call) -> str:
     assert call.session is not None
     await ep.revoked.revoke(nonce=call.session.nonce, expires=call.session.expires)
+    ep.registrations.drop(tenant=_who(call).tenant, nonce=call.session.nonce)
     call.logged_result = ""
     return ""
 
@@ -712,6 +714,90 @@ def _coalesced(changes: list[xenevents.Change]) -> list[dict[str, Any]]:
     return [_event(c.entry, op, c.version) for op, c in latest.values()]
 
 
+# --- event.register / event.next (XenAPI's older event API) --------------------------
+
+MAX_REGISTERED_CLASSES = 256
+"""Most classes one session may have registered: each is kept until logout or expiry."""
+_TASK_CLASS = re.compile(r"^task/OpaqueRef:[0-9a-f-]{36}\Z")
+
+
+def _registered_classes(value: Any) -> set[str]:
+    """The classes of an event.register/unregister that can have events: ``task``, ``*``
+    and ``task/<ref>`` (others never have any, so they are not kept)."""
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise xenfaults.FieldTypeError("classes")
+    kept = {c for c in value if c in ("task", "*") or _TASK_CLASS.match(c)}
+    if len(kept) > MAX_REGISTERED_CLASSES:
+        raise errors.InvalidArgument(
+            f"classes: at most {MAX_REGISTERED_CLASSES} task classes per session"
+        )
+    return kept
+
+
+async def _event_register(ep: Endpoint, call: Call) -> str:
+    assert call.session is not None
+    classes = _registered_classes(call.args[0])
+    registered = ep.registrations.get(tenant=_who(call).tenant, nonce=call.session.nonce)
+    if registered is not None and len(registered.classes | classes) > MAX_REGISTERED_CLASSES:
+        raise errors.InvalidArgument(
+            f"classes: at most {MAX_REGISTERED_CLASSES} task classes per session"
+        )
+    ep.registrations.register(
+        tenant=_who(call).tenant,
+        nonce=call.session.nonce,
+        classes=classes,
+        token=ep.feed.token,
+        expires=call.session.expires,
+    )
+    call.logged_result = ""
+    return ""
+
+
+async def _event_unregister(ep: Endpoint, call: Call) -> str:
+    assert call.session is not None
+    classes = _registered_classes(call.args[0])
+    ep.registrations.unregister(tenant=_who(call).tenant, nonce=call.session.nonce, classes=classes)
+    call.logged_result = ""
+    return ""
+
+
+def _wanted(classes: set[str], entry: cache.OperationEntry) -> bool:
+    return "task" in classes or "*" in classes or f"task/{task_ref(entry)}" in classes
+
+
+async def _event_next(ep: Endpoint, call: Call) -> list[dict[str, Any]]:
+    """The registered classes' changes since the session's last event.next, waiting for
+    one (as long as :attr:`.xenevents.Settings.max_wait_seconds` at most; then an empty
+    list, and the client calls again). Waits count against the tenant's waiter bound."""
+    assert call.session is not None
+    tenant = _who(call).tenant
+    registered = ep.registrations.get(tenant=tenant, nonce=call.session.nonce)
+    if registered is None:
+        raise xenfaults.SessionNotRegistered("call event.register first")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ep.feed.settings.max_wait_seconds
+    while True:
+        changes = ep.feed.since(tenant, registered.token)
+        if changes is None:
+            registered.token = ep.feed.token
+            raise xenfaults.EventsLost("more changes than the gateway keeps; read the tasks again")
+        if changes:
+            registered.token = changes[-1].version
+            events = [
+                _event(c.entry, c.operation, c.version)
+                for c in changes
+                if _wanted(registered.classes, c.entry)
+            ]
+            if events:
+                call.logged_result = f"{len(events)} events"
+                return events
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            call.logged_result = "0 events"
+            return []
+        await ep.feed.wait(tenant, token=registered.token, seconds=remaining)
+
+
 METHODS: Mapping[str, Method] = {
     "session.login_with_password": Method(
         handler=_login,
@@ -766,5 +852,8 @@ METHODS: Mapping[str, Method] = {
     "event.from": Method(
         handler=_event_from, args=("classes", "token", "timeout"), cls="event", long_poll=True
     ),
+    "event.register": Method(handler=_event_register, args=("classes",), cls="event"),
+    "event.unregister": Method(handler=_event_unregister, args=("classes",), cls="event"),
+    "event.next": Method(handler=_event_next, cls="event", long_poll=True),
 }
 """Every method served on ``POST /xenapi``, by name."""
