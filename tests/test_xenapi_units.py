@@ -312,3 +312,11 @@ def test_event_next_delivers_each_change_once_and_reports_lost_events() -> None:
         assert (event["operation"], event["snapshot"]["status"]) == ("mod", "success")
 
     asyncio.run(scenario())
+
+
+def test_shared_event_from_arguments_are_what_the_log_would_write() -> None:
+    for timeout in (60, 60.0, 0.5):
+        args = [rpc.REDACTED_SESSION, ["task", "task/OpaqueRef:x"], "17", timeout]
+        assert xenapi._event_from_args(("task", "task/OpaqueRef:x"), "17", timeout) == (
+            rpc.to_json({"args": calllog.redact(args), "kw": {}})
+        )

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import re
@@ -91,6 +92,8 @@ class Call:
     session: auth.Session | None = None
     logged_args: list[Any] = dataclasses.field(default_factory=list)
     logged_result: Any = None
+    args_json: str = ""
+    """The logged arguments already as JSON (shared by the waiters of one long poll)."""
 
 
 Handler = Callable[["Endpoint", Call], Awaitable[Any]]
@@ -254,7 +257,8 @@ class Endpoint:
             await self.svc.call_log.append(
                 tenant=call.identity.tenant,
                 method=call.ctx.method,
-                args_json=rpc.to_json({"args": calllog.redact(call.logged_args), "kw": {}}),
+                args_json=call.args_json
+                or rpc.to_json({"args": calllog.redact(call.logged_args), "kw": {}}),
                 result_json=result_json,
                 exception=exception,
                 address=call.request.address,
@@ -654,6 +658,8 @@ async def _event_from(ep: Endpoint, call: Call) -> Encoded:
             changes = ep.feed.since(tenant, token)
     now = ep.feed.token
     call.logged_args = [rpc.REDACTED_SESSION, classes, token_text, timeout]
+    if len(classes) <= _SHARED_ARGS_CLASSES:
+        call.args_json = _event_from_args(tuple(classes), token_text, timeout)
     # Every client waiting with the same token wakes for the same change and gets the same
     # answer: it is built and encoded once (a crowd of waiters costs one encoding).
     key = (tenant, token_text, tuple(classes), now)
@@ -683,6 +689,17 @@ async def _event_from(ep: Endpoint, call: Call) -> Encoded:
     ep.event_answers.put(key, answer, now=now)
     call.logged_result = answer
     return answer
+
+
+_SHARED_ARGS_CLASSES = 8
+"""event.from calls with at most this many classes share their call-log arguments' JSON
+(a crowd waiting with the same arguments is logged with one encoding)."""
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _event_from_args(classes: tuple[str, ...], token: str, timeout: float) -> str:
+    """The call-log arguments of an event.from (lists of strings hold nothing to redact)."""
+    return rpc.to_json({"args": [rpc.REDACTED_SESSION, list(classes), token, timeout], "kw": {}})
 
 
 def _event(
