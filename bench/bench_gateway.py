@@ -39,10 +39,12 @@ per call and the peak RSS are summed over them.
 XenAPI (``/xenapi``): ``task.get_record`` is driven like Gandi's details and reported
 as a fraction of the details rate of the same run; ``task.get_all`` (every ref of the
 tenant) by one client. For ``event.from``, ``--waiters`` connections each wait with
-the current token; the gateway process then changes one Operation in its cache (as a
+the current token; every gateway process then changes one Operation in its cache (as a
 watch event would) and reports the moment (``time.monotonic``, one clock for every
-process on the machine); each waiter's delay is from that moment to its answer's
-arrival. The gateway's RSS is read before the waiters connect and while they wait.
+process on the machine); each waiter's delay is from the earliest of those moments to
+its answer's arrival. The gateways' RSS (summed) is read before the waiters connect and
+while they wait. With ``--workers N`` the waiters' connections are spread over the
+workers by ``SO_REUSEPORT``, as in production.
 
 Results go to <out>/<name>.{json,md}; the runs already there are kept under
 "history" (and "Earlier runs" in the markdown), newest first, so a re-run never
@@ -430,6 +432,24 @@ async def load(
     )
 
 
+async def warm(port: int, bodies: list[bytes], *, concurrency: int, path: str) -> None:
+    """Send each distinct body once (split over ``concurrency`` connections), so a load
+    measured next finds every answer it reuses already built, as a timed warm-up with
+    random picks does not guarantee (it left a quarter of the XenAPI records cold)."""
+    requests = [http_post("127.0.0.1", port, body, path=path) for body in dict.fromkeys(bodies)]
+    loop = asyncio.get_running_loop()
+
+    async def send(share: list[bytes]) -> None:
+        _, connection = await loop.create_connection(_Connection, "127.0.0.1", port)
+        for request in share:
+            status, _ = await connection.call(request)
+            assert status.startswith(b"HTTP/1.1 200 "), status
+        assert connection.transport is not None
+        connection.transport.close()
+
+    await asyncio.gather(*(send(requests[i::concurrency]) for i in range(concurrency)))
+
+
 def http_get(host: str, port: int, path: str, *, authorization: str) -> bytes:
     """A complete HTTP/1.1 GET (BDOM's reads), built once and reused."""
     head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: {authorization}\r\n\r\n"
@@ -545,10 +565,10 @@ class Gateways:
         infos = await self._ask(None)
         return {**infos[0], "fill_seconds": max(i["fill_seconds"] for i in infos)}
 
-    async def ask_first(self, message: str) -> Any:
-        """One question to the first worker (the event.from load uses one worker)."""
-        self._pipes[0].send(message)
-        return await asyncio.get_running_loop().run_in_executor(None, self._pipes[0].recv)
+    async def ask_all(self, message: str) -> list[Any]:
+        """One question to every worker (each applies an event.from touch to its cache, as
+        each worker's own watch would)."""
+        return await self._ask(message)
 
     async def cpu(self) -> float:
         """CPU seconds used so far, summed over the workers."""
@@ -602,6 +622,7 @@ async def bench_xenapi(
         )
         for _ in range(2000)
     ]
+    await warm(port, records, concurrency=concurrency, path="/xenapi")
     await load(
         port, records, duration=2, concurrency=concurrency, path="/xenapi", failure=XEN_FAILURE
     )  # warm-up
@@ -659,7 +680,7 @@ async def bench_event_from(
     """``waiters`` connections wait in event.from; one change per round wakes them all."""
     loop = asyncio.get_running_loop()
     connections: list[_Connection] = []
-    rss_before = await gateways.ask_first("rss")
+    rss_before = sum(await gateways.ask_all("rss"))
     for _ in range(waiters):
         _, protocol = await loop.create_connection(_Connection, "127.0.0.1", port)
         connections.append(protocol)
@@ -672,13 +693,15 @@ async def bench_event_from(
 
         calls = [asyncio.create_task(_wait_event(c, request, arrived)) for c in connections]
         deadline = time.monotonic() + 60
-        while await gateways.ask_first("waiting") < waiters:  # a condition, not a nap
+        while sum(await gateways.ask_all("waiting")) < waiters:  # a condition, not a nap
             assert time.monotonic() < deadline, "the waiters did not all arrive"
-        rss_waiting = max(rss_waiting, await gateways.ask_first("rss"))
-        touched = await gateways.ask_first("touch")
+        rss_waiting = max(rss_waiting, sum(await gateways.ask_all("rss")))
+        # Every worker gets the change (with --workers N the waiters are spread over them
+        # by SO_REUSEPORT); delays count from the earliest worker's change.
+        touches = await gateways.ask_all("touch")
         await asyncio.gather(*calls)
-        delays += [t - touched["at"] for t in arrived]
-        token = touched["token"]
+        delays += [t - min(x["at"] for x in touches) for t in arrived]
+        token = touches[0]["token"]
     for connection in connections:
         assert connection.transport is not None
         connection.transport.close()

@@ -2377,6 +2377,36 @@ def _xen_expect_own_events(answers: list[Answer], w: World) -> list[str]:
     return problems
 
 
+def _xen_register_next(c: XenClient, w: World) -> list[Answer]:
+    """event.register on every class and the victim's refs, an own change (so event.next
+    answers at once), event.next, event.unregister."""
+    classes = ["*", "task", *(f"task/{r}" for r in _xen_refs(w.gateway, w.victim).values())]
+    return [
+        c.call("event.register", c.session, classes),
+        c.task("create", "hostile-next", w.attacker.marker),
+        c.call("event.next", c.session),
+        c.call("event.unregister", c.session, classes),
+    ]
+
+
+def _xen_expect_own_next(answers: list[Answer], w: World) -> list[str]:
+    problems = expect_ok_or_errors()(answers, w)
+    if any(a.outcome != "ok" for a in answers):
+        return [*problems, f"expected every call to succeed: {[a.describe() for a in answers]}"]
+    events = answers[2].value
+    if not events:
+        problems.append("event.next did not report the attacker's own new task")
+    victim = set(_xen_refs(w.gateway, w.victim).values())
+    for event in events:
+        uid = str(event.get("ref", "")).removeprefix("OpaqueRef:")
+        if (
+            event.get("ref") in victim
+            or w.gateway.gateway.task_feed.task(w.attacker.namespace, uid) is None
+        ):
+            problems.append(f"event.next reported a task not the attacker's: {event}")
+    return problems
+
+
 def _xen_create(c: XenClient, w: World) -> list[Answer]:
     return [c.task("create", "hostile", w.attacker.marker)]
 
@@ -2422,6 +2452,9 @@ class XenApiAdapter(DialectAdapter[XenClient]):
         "task.destroy",
         "task.create",
         "event.from",
+        "event.register",
+        "event.unregister",
+        "event.next",
     )
 
     def client(self, tenant: Tenant) -> XenClient:
@@ -2636,6 +2669,16 @@ class XenApiAdapter(DialectAdapter[XenClient]):
                 writes=False,
                 run=_xen_events,
                 expect=_xen_expect_own_events,
+            ),
+            *(
+                MatrixCase(
+                    method=m,
+                    what="every class and victim refs, then an own change",
+                    writes=True,
+                    run=_xen_register_next,
+                    expect=_xen_expect_own_next,
+                )
+                for m in ("event.register", "event.unregister", "event.next")
             ),
         ]
 

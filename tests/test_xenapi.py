@@ -272,6 +272,36 @@ def event_from(session: XenAPI.Session, *args: Any) -> Any:
     return getattr(session.xenapi.event, "from")(*args)
 
 
+def test_event_register_and_next_see_a_task_finish(
+    cluster: Any, api: kubernetes.client.ApiClient, namespace: str, gw: RunningGateway
+) -> None:
+    key = make_key(api, gw, namespace)
+    s = login(gw, namespace, key)
+    assert failure(s.xenapi.event.next)[0] == "SESSION_NOT_REGISTERED"
+    s.xenapi.event.register(["task", "vm"])
+    with controller_in_thread(kubeconfig=cluster.kubeconfig, namespace=namespace):
+        gandi = gw.proxy()
+        opid = gandi.operation_create(gandi.login(key), "test_short", {})
+        seen: list[dict[str, Any]] = []
+        while not any(e["snapshot"]["status"] == "success" for e in seen):
+            events = s.xenapi.event.next()
+            assert events, "event.next answered with nothing before its wait ended"
+            for event in events:
+                assert event["class"] == "task"
+                assert event["snapshot"]["other_config"]["opkeeper_id"] == str(opid)
+            seen += events
+    assert seen[0]["operation"] == "add"
+    assert len({e["id"] for e in seen}) == len(seen)  # each change delivered once
+    s.xenapi.event.unregister(["task"])
+    s.xenapi.session.logout()
+    again = login(gw, namespace, key)
+    assert failure(again.xenapi.event.next)[0] == "SESSION_NOT_REGISTERED"  # per session
+    assert failure(lambda: again.xenapi.event.register("task")) == [
+        "FIELD_TYPE_ERROR",
+        "classes",
+    ]
+
+
 def test_event_from_sees_a_task_finish(
     cluster: Any, api: kubernetes.client.ApiClient, namespace: str, gw: RunningGateway
 ) -> None:

@@ -8,13 +8,14 @@ import datetime
 import inspect
 import pathlib
 import re
+import time
 import uuid
 from typing import Any
 
 import pytest
 
 from opkeeper import errors, names, states
-from opkeeper.gateway import cache, revocations, xenevents, xenfaults
+from opkeeper.gateway import auth, cache, calllog, revocations, rpc, xenevents, xenfaults
 from opkeeper.gateway import xmlrpc as codec
 from opkeeper.gateway.dialects import xenapi
 
@@ -202,3 +203,120 @@ def test_answers_with_every_task_are_bounded() -> None:
     assert xenfaults.row_for(errors.Forbidden("x"), xenfaults.Context(method="")).code == (
         "OPERATION_NOT_ALLOWED"
     )
+
+
+def test_the_kept_record_answer_is_sendable_and_logged_without_a_redact_walk() -> None:
+    failed = cache.OperationEntry.from_object(
+        _op(
+            "x",
+            id_=5,
+            rv=5,
+            state="FailedExternal",
+            errorCode=2**40,
+            errorInfo=["bad\x00byte", 3],
+            spec={"type": "t\x01"},
+            metadata={"annotations": {cache.NAME_DESCRIPTION_ANNOTATION: "a\x02<b>&"}},
+        )
+    )
+    record = xenapi.task_record(failed)
+    names_used = {*record, *record["other_config"]}
+    assert names_used == set(xenapi.RECORD_FIELDS)
+    assert not [n for n in xenapi.RECORD_FIELDS if calllog.is_secret_name(n)]
+    # Free-form values are made sendable as rpc.wire would: U+FFFD, big ints as strings.
+    assert record["error_code"] == str(2**40)
+    assert record["error_info"] == ["bad\ufffdbyte", "3"]
+    assert (record["type"], record["name_description"]) == ("t\ufffd", "a\ufffd<b>&")
+    assert record == rpc.wire(record)
+    answer = xenapi._record_answer(failed)
+    assert xenapi._record_answer(failed) is answer  # kept with the entry version
+    assert answer.body == codec.encode_response(xenapi._envelope(record))
+    assert answer.result_json == rpc.to_json(calllog.redact(record))
+
+
+def test_registrations_are_per_session_bounded_per_tenant_and_expire() -> None:
+    now = [1000.0]
+    kept = xenevents.Registrations(
+        settings=xenevents.Settings(max_registrations_per_tenant=2), clock=lambda: now[0]
+    )
+    kept.register(tenant="t", nonce="a", classes={"task"}, token=5, expires=2000)
+    kept.register(tenant="t", nonce="b", classes={"*"}, token=6, expires=1500)
+    kept.register(tenant="u", nonce="c", classes={"task"}, token=7, expires=2000)
+    assert kept.get(tenant="u", nonce="a") is None  # another tenant never sees it
+    a = kept.get(tenant="t", nonce="a")  # now the most recently used
+    assert a is not None
+    assert (a.classes, a.token) == ({"task"}, 5)
+    kept.register(tenant="t", nonce="a", classes={"task/OpaqueRef:x"}, token=99, expires=2000)
+    assert (a.classes, a.token) == ({"task", "task/OpaqueRef:x"}, 5)  # added, not reset
+    kept.unregister(tenant="t", nonce="a", classes={"task"})
+    assert a.classes == {"task/OpaqueRef:x"}
+    kept.register(tenant="t", nonce="d", classes={"task"}, token=8, expires=2000)
+    assert kept.get(tenant="t", nonce="b") is None  # the least recently used went
+    assert kept.count() == 3
+    now[0] = 1999.0
+    kept.register(tenant="u", nonce="e", classes={"task"}, token=9, expires=1999)
+    assert kept.get(tenant="u", nonce="e") is None  # expired with its session
+    kept.drop(tenant="t", nonce="a")
+    kept.drop(tenant="t", nonce="d")
+    assert kept.count() == 2  # u's c and e (e goes at u's next registration)
+
+
+def test_event_next_delivers_each_change_once_and_reports_lost_events() -> None:
+    async def scenario() -> None:
+        ops = cache.OperationCache()
+        settings = xenevents.Settings(max_changes_per_tenant=2, max_wait_seconds=0.05)
+        feed = xenevents.TaskFeed(operations=ops, settings=settings)
+        ops.reset([])
+        none: Any = None
+        endpoint = xenapi.Endpoint(
+            svc=none,
+            sessions=none,
+            keyring=none,
+            revoked=none,
+            feed=feed,
+            settings=xenapi.Settings(events=settings),
+        )
+
+        def call(tenant: str, nonce: str, *args: Any) -> xenapi.Call:
+            who = auth.Identity(user_id="u", tenant=auth.Tenant(tenant), key_hash=auth.KeyHash("h"))
+            return xenapi.Call(
+                request=none,
+                args=args,
+                ctx=xenfaults.Context(method="event.next"),
+                identity=who,
+                session=auth.Session(identity=who, expires=time.time() + 60, nonce=nonce),
+            )
+
+        with pytest.raises(xenfaults.SessionNotRegistered):
+            await xenapi._event_next(endpoint, call("t", "s"))
+        with pytest.raises(errors.InvalidArgument):
+            await xenapi._event_register(
+                endpoint, call("t", "s", [f"task/OpaqueRef:{uuid.uuid4()}" for _ in range(300)])
+            )
+        await xenapi._event_register(endpoint, call("t", "s", ["task", "VM"]))
+        await xenapi._event_register(endpoint, call("u", "s2", ["*"]))
+        assert endpoint.registrations.get(tenant="t", nonce="s").classes == {"task"}  # type: ignore[union-attr]
+        waiting = asyncio.create_task(xenapi._event_next(endpoint, call("t", "s")))
+        await asyncio.sleep(0)  # one loop turn: it waits
+        ops.apply(event="ADDED", obj=_op("a", id_=1, rv=10))
+        events = await asyncio.wait_for(waiting, 5)
+        assert [(e["operation"], e["id"]) for e in events] == [("add", "10")]
+        assert await xenapi._event_next(endpoint, call("t", "s")) == []  # nothing new
+        assert await xenapi._event_next(endpoint, call("u", "s2")) == []  # not u's task
+        for rv in (11, 12, 13):
+            ops.apply(event="MODIFIED", obj=_op("a", id_=1, rv=rv, progress=rv))
+        with pytest.raises(xenfaults.EventsLost):  # 3 changes, 2 kept
+            await xenapi._event_next(endpoint, call("t", "s"))
+        assert await xenapi._event_next(endpoint, call("t", "s")) == []  # re-armed
+        ops.apply(event="MODIFIED", obj=_op("a", id_=1, rv=14, state="Succeeded"))
+        (event,) = await xenapi._event_next(endpoint, call("t", "s"))
+        assert (event["operation"], event["snapshot"]["status"]) == ("mod", "success")
+
+    asyncio.run(scenario())
+
+
+def test_shared_event_from_arguments_are_what_the_log_would_write() -> None:
+    for timeout in (60, 60.0, 0.5):
+        args = [rpc.REDACTED_SESSION, ["task", "task/OpaqueRef:x"], "17", timeout]
+        assert xenapi._event_from_args(("task", "task/OpaqueRef:x"), "17", timeout) == (
+            rpc.to_json({"args": calllog.redact(args), "kw": {}})
+        )

@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 from opkeeper import errors
@@ -51,6 +52,10 @@ class Settings:
     max_wait_seconds: float = 60.0
     """Longest wait of one ``event.from`` call, whatever timeout the client asks for
     (default 60 s: below common proxy idle timeouts; clients call again)."""
+    max_registrations_per_tenant: int = 256
+    """Sessions of one tenant with an ``event.register`` kept at once (default 256); one
+    more evicts the tenant's least recently used registration, whose next ``event.next``
+    answers ``SESSION_NOT_REGISTERED`` (the client registers again)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -190,3 +195,74 @@ class TaskFeed:
     def waiting(self) -> int:
         """``event.from`` calls waiting now (all tenants)."""
         return sum(map(len, self._waiters.values()))
+
+
+@dataclasses.dataclass(kw_only=True)
+class Registration:
+    """One session's ``event.register``: the classes it wants and how far it has read."""
+
+    tenant: str
+    classes: set[str]
+    token: int
+    """The version every change up to which ``event.next`` has delivered."""
+    expires: float
+    """The session's expiry (``time.time()``): a registration never outlives its session."""
+
+
+class Registrations:
+    """XenAPI's older event API's per-session state (``event.register``/``event.next``),
+    kept in this gateway process, bounded per tenant, keyed by the session's nonce (unique
+    per login, so no two tenants or logins share an entry)."""
+
+    def __init__(self, *, settings: Settings, clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self._clock = clock
+        self._by_tenant: dict[str, collections.OrderedDict[str, Registration]] = {}
+
+    def register(
+        self, *, tenant: str, nonce: str, classes: set[str], token: int, expires: float
+    ) -> None:
+        """Add ``classes`` to the session's registration (a new one starts at ``token``)."""
+        kept = self._by_tenant.setdefault(tenant, collections.OrderedDict())
+        found = kept.get(nonce)
+        if found is not None:
+            found.classes |= classes
+            kept.move_to_end(nonce)
+            return
+        now = self._clock()
+        for stale in [n for n, r in kept.items() if r.expires <= now]:
+            del kept[stale]
+        while len(kept) >= self.settings.max_registrations_per_tenant:
+            kept.popitem(last=False)
+        kept[nonce] = Registration(
+            tenant=tenant, classes=set(classes), token=token, expires=expires
+        )
+
+    def unregister(self, *, tenant: str, nonce: str, classes: set[str]) -> None:
+        """Remove ``classes`` from the session's registration (none: nothing happens)."""
+        kept = self._by_tenant.get(tenant)
+        found = kept.get(nonce) if kept is not None else None
+        if found is not None:
+            found.classes -= classes
+
+    def get(self, *, tenant: str, nonce: str) -> Registration | None:
+        """The session's registration, if this process has one and it has not expired."""
+        kept = self._by_tenant.get(tenant)
+        found = kept.get(nonce) if kept is not None else None
+        if found is None or found.expires <= self._clock():
+            return None
+        assert kept is not None
+        kept.move_to_end(nonce)
+        return found
+
+    def drop(self, *, tenant: str, nonce: str) -> None:
+        """Forget the session's registration (``session.logout``)."""
+        kept = self._by_tenant.get(tenant)
+        if kept is not None:
+            kept.pop(nonce, None)
+            if not kept:
+                del self._by_tenant[tenant]
+
+    def count(self) -> int:
+        """Registrations kept (all tenants)."""
+        return sum(map(len, self._by_tenant.values()))

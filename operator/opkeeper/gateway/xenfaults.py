@@ -70,6 +70,16 @@ class SessionRevoked(errors.Unauthenticated):
     """The session was logged out (``SESSION_INVALID [ref]``)."""
 
 
+class SessionNotRegistered(errors.Conflict):
+    """``event.next`` on a session with no ``event.register`` in this gateway process
+    (``SESSION_NOT_REGISTERED [session ref]``): register again, then call it."""
+
+
+class EventsLost(errors.Conflict):
+    """``event.next`` after more changes than the gateway keeps (``EVENTS_LOST``): the
+    registration is re-armed at the current state; read the tasks again, then continue."""
+
+
 @dataclasses.dataclass(kw_only=True, slots=True)
 class Context:
     """What a failure's parameters may quote from the call (filled in as the call runs)."""
@@ -184,6 +194,13 @@ ROWS: tuple[Row, ...] = (
         doc="session reference",
     ),
     Row(error=errors.NotFound, code="HANDLE_INVALID", params=_handle, doc="class, reference"),
+    Row(
+        error=SessionNotRegistered,
+        code="SESSION_NOT_REGISTERED",
+        params=lambda exc, ctx: [ctx.session],
+        doc="session reference",
+    ),
+    Row(error=EventsLost, code="EVENTS_LOST", params=lambda exc, ctx: [], doc="none"),
     Row(
         error=errors.IllegalTransition,
         code="OPERATION_NOT_ALLOWED",

@@ -1,4 +1,4 @@
-"""The XenAPI dialect (``POST /xenapi``): sessions, the task class over Operations, event.from.
+"""The XenAPI dialect (``POST /xenapi``): sessions, the task class over Operations, events.
 
 XenAPI is XML-RPC with its own envelope: every answer is a struct,
 ``{Status: Success, Value: ...}`` or ``{Status: Failure, ErrorDescription:
@@ -23,8 +23,10 @@ replica and after restarts.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import re
@@ -90,6 +92,8 @@ class Call:
     session: auth.Session | None = None
     logged_args: list[Any] = dataclasses.field(default_factory=list)
     logged_result: Any = None
+    args_json: str = ""
+    """The logged arguments already as JSON (shared by the waiters of one long poll)."""
 
 
 Handler = Callable[["Endpoint", Call], Awaitable[Any]]
@@ -106,6 +110,10 @@ class Method:
     session: bool = True
     """Whether the first argument is the session ref."""
     cls: str = "task"
+    long_poll: bool = False
+    """Whether the answer leaves without waiting for its call-log entry's commit: a long
+    poll answers a crowd of waiters at once, and waiting for their entries' group commit
+    would put that commit between a change and every waiter's answer."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -166,11 +174,15 @@ class Endpoint:
         self.limits = limits
         self.on_log_failure = on_log_failure
         self.event_answers = _Answers()
+        self.registrations = xenevents.Registrations(settings=self.settings.events)
+        self._logging: set[asyncio.Task[None]] = set()
+        """Call-log writes of long polls still in flight (kept referenced until done)."""
 
     async def handle(self, *, body: bytes | Exception, request: rpc.Request) -> rpc.Outcome:
         """Answer one request (``body`` is the error when the body could not be read)."""
         ctx = xenfaults.Context(method="")
         call: Call | None = None
+        long_poll = False
         try:
             if isinstance(body, Exception):
                 raise body
@@ -185,6 +197,7 @@ class Endpoint:
                 raise xenfaults.ParameterCountMismatch(
                     decoded.method, expected=expected, received=len(params)
                 )
+            long_poll = method.long_poll
             call = Call(request=request, args=params[1:] if method.session else params, ctx=ctx)
             if method.session:
                 await self._authenticate(call, params[0])
@@ -208,7 +221,12 @@ class Endpoint:
                 method=known,
                 fault=_metric_fault(failure),
             )
-        await self._log(call, failure=None)
+        if long_poll:
+            task = asyncio.create_task(self._log(call, failure=None))
+            self._logging.add(task)
+            task.add_done_callback(self._logging.discard)
+        else:
+            await self._log(call, failure=None)
         return rpc.Outcome(body=answer, dialect=DIALECT.value, method=call.ctx.method)
 
     async def _authenticate(self, call: Call, ref: Any) -> None:
@@ -239,7 +257,8 @@ class Endpoint:
             await self.svc.call_log.append(
                 tenant=call.identity.tenant,
                 method=call.ctx.method,
-                args_json=rpc.to_json({"args": calllog.redact(call.logged_args), "kw": {}}),
+                args_json=call.args_json
+                or rpc.to_json({"args": calllog.redact(call.logged_args), "kw": {}}),
                 result_json=result_json,
                 exception=exception,
                 address=call.request.address,
@@ -328,6 +347,10 @@ def task_record(entry: cache.OperationEntry) -> dict[str, Any]:
 
 
 def _build_record(entry: cache.OperationEntry) -> dict[str, Any]:
+    """The record, already sendable: only the free-form values (names, type, result, error
+    info) can hold characters XML cannot carry or integers beyond 32 bits, so only they go
+    through :func:`.xmlrpc.printable` / :func:`.rpc.wire` (the whole record through
+    ``rpc.wire`` cost as much as encoding it)."""
     status, spec = entry.status, entry.spec
     annotations = entry.metadata.get("annotations") or {}
     finished = states.is_terminal(entry.state)
@@ -335,8 +358,8 @@ def _build_record(entry: cache.OperationEntry) -> dict[str, Any]:
     end = _time(status.get("finishedAt"), entry.date_updated) if finished else EPOCH
     failed = entry.state in states.FAILED
     if failed:
-        info = [str(i) for i in status.get("errorInfo") or []] or [
-            str(status.get("message") or entry.state.value)
+        info = [_text(i) for i in status.get("errorInfo") or []] or [
+            _text(status.get("message") or entry.state.value)
         ]
     elif entry.state is states.State.CANCELLED:
         info = ["TASK_CANCELLED", task_ref(entry)]
@@ -345,35 +368,65 @@ def _build_record(entry: cache.OperationEntry) -> dict[str, Any]:
     code = status.get("errorCode")
     result = status.get("result")
     allowed = ["destroy"] if finished else ([] if cancel_requested else ["cancel"])
-    record: dict[str, Any] = rpc.wire(
-        {
-            "uuid": entry.uid,
-            "name_label": annotations.get(cache.NAME_LABEL_ANNOTATION, entry.type),
-            "name_description": annotations.get(cache.NAME_DESCRIPTION_ANNOTATION, ""),
-            "status": states.legacy_status(entry.state, DIALECT, cancel_requested=cancel_requested),
-            "progress": 100 if finished else min(100, max(0, int(status.get("progress") or 0))),
-            "eta": end if finished else _time(status.get("eta"), EPOCH),
-            "type": entry.type,
-            "result": json.dumps(result, sort_keys=True)
-            if entry.state is states.State.SUCCEEDED and result
-            else "",
-            "error_code": int(code) if isinstance(code, int) and code else (1 if failed else 0),
-            "error_info": info,
-            "created": entry.date_created,
-            "finished": end,
-            "allowed_operations": allowed,
-            "current_operations": {},
-            "resident_on": NULL_REF,
-            "subtask_of": NULL_REF,
-            "subtasks": [],
-            "other_config": {
-                "opkeeper_id": str(entry.id),
-                "opkeeper_name": entry.name,
-                "opkeeper_state": entry.state.value,
-            },
-        }
-    )
-    return record
+    kind = _text(entry.type)
+    return {
+        "uuid": _text(entry.uid),
+        "name_label": _text(annotations.get(cache.NAME_LABEL_ANNOTATION, kind)),
+        "name_description": _text(annotations.get(cache.NAME_DESCRIPTION_ANNOTATION, "")),
+        "status": states.legacy_status(entry.state, DIALECT, cancel_requested=cancel_requested),
+        "progress": 100 if finished else min(100, max(0, int(status.get("progress") or 0))),
+        "eta": end if finished else _time(status.get("eta"), EPOCH),
+        "type": kind,
+        "result": _text(json.dumps(result, sort_keys=True))
+        if entry.state is states.State.SUCCEEDED and result
+        else "",
+        "error_code": rpc.wire(int(code)) if isinstance(code, int) and code else int(failed),
+        "error_info": info,
+        "created": entry.date_created,
+        "finished": end,
+        "allowed_operations": allowed,
+        "current_operations": {},
+        "resident_on": NULL_REF,
+        "subtask_of": NULL_REF,
+        "subtasks": [],
+        "other_config": {
+            "opkeeper_id": str(entry.id),
+            "opkeeper_name": _text(entry.name),
+            "opkeeper_state": entry.state.value,
+        },
+    }
+
+
+def _text(value: Any) -> str:
+    return xmlrpc.printable(str(value))
+
+
+RECORD_FIELDS = (
+    "uuid",
+    "name_label",
+    "name_description",
+    "status",
+    "progress",
+    "eta",
+    "type",
+    "result",
+    "error_code",
+    "error_info",
+    "created",
+    "finished",
+    "allowed_operations",
+    "current_operations",
+    "resident_on",
+    "subtask_of",
+    "subtasks",
+    "other_config",
+    "opkeeper_id",
+    "opkeeper_name",
+    "opkeeper_state",
+)
+"""Every member name a task record has (other_config's included): none looks secret to
+:func:`.calllog.is_secret_name` (a unit test checks), so the record goes into the call
+log without a :func:`.calllog.redact` walk, which cost more than the rest of the build."""
 
 
 def _record_answer(entry: cache.OperationEntry) -> Encoded:
@@ -382,9 +435,7 @@ def _record_answer(entry: cache.OperationEntry) -> Encoded:
     if isinstance(kept, Encoded):
         return kept
     record = task_record(entry)
-    answer = Encoded(
-        body=_encode(_envelope(record)), result_json=rpc.to_json(calllog.redact(record))
-    )
+    answer = Encoded(body=_encode(_envelope(record)), result_json=rpc.to_json(record))
     entry.derived[_RECORD_BODY] = answer
     return answer
 
@@ -410,6 +461,7 @@ async def _login(ep: Endpoint, call: Call) -> str:
 async def _logout(ep: Endpoint, call: Call) -> str:
     assert call.session is not None
     await ep.revoked.revoke(nonce=call.session.nonce, expires=call.session.expires)
+    ep.registrations.drop(tenant=_who(call).tenant, nonce=call.session.nonce)
     call.logged_result = ""
     return ""
 
@@ -606,6 +658,8 @@ async def _event_from(ep: Endpoint, call: Call) -> Encoded:
             changes = ep.feed.since(tenant, token)
     now = ep.feed.token
     call.logged_args = [rpc.REDACTED_SESSION, classes, token_text, timeout]
+    if len(classes) <= _SHARED_ARGS_CLASSES:
+        call.args_json = _event_from_args(tuple(classes), token_text, timeout)
     # Every client waiting with the same token wakes for the same change and gets the same
     # answer: it is built and encoded once (a crowd of waiters costs one encoding).
     key = (tenant, token_text, tuple(classes), now)
@@ -637,6 +691,17 @@ async def _event_from(ep: Endpoint, call: Call) -> Encoded:
     return answer
 
 
+_SHARED_ARGS_CLASSES = 8
+"""event.from calls with at most this many classes share their call-log arguments' JSON
+(a crowd waiting with the same arguments is logged with one encoding)."""
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _event_from_args(classes: tuple[str, ...], token: str, timeout: float) -> str:
+    """The call-log arguments of an event.from (lists of strings hold nothing to redact)."""
+    return rpc.to_json({"args": [rpc.REDACTED_SESSION, list(classes), token, timeout], "kw": {}})
+
+
 def _event(
     entry: cache.OperationEntry, operation: xenevents.EventOp, version: int
 ) -> dict[str, Any]:
@@ -664,6 +729,90 @@ def _coalesced(changes: list[xenevents.Change]) -> list[dict[str, Any]]:
             operation = "add"
         latest[uid] = (operation, change)
     return [_event(c.entry, op, c.version) for op, c in latest.values()]
+
+
+# --- event.register / event.next (XenAPI's older event API) --------------------------
+
+MAX_REGISTERED_CLASSES = 256
+"""Most classes one session may have registered: each is kept until logout or expiry."""
+_TASK_CLASS = re.compile(r"^task/OpaqueRef:[0-9a-f-]{36}\Z")
+
+
+def _registered_classes(value: Any) -> set[str]:
+    """The classes of an event.register/unregister that can have events: ``task``, ``*``
+    and ``task/<ref>`` (others never have any, so they are not kept)."""
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise xenfaults.FieldTypeError("classes")
+    kept = {c for c in value if c in ("task", "*") or _TASK_CLASS.match(c)}
+    if len(kept) > MAX_REGISTERED_CLASSES:
+        raise errors.InvalidArgument(
+            f"classes: at most {MAX_REGISTERED_CLASSES} task classes per session"
+        )
+    return kept
+
+
+async def _event_register(ep: Endpoint, call: Call) -> str:
+    assert call.session is not None
+    classes = _registered_classes(call.args[0])
+    registered = ep.registrations.get(tenant=_who(call).tenant, nonce=call.session.nonce)
+    if registered is not None and len(registered.classes | classes) > MAX_REGISTERED_CLASSES:
+        raise errors.InvalidArgument(
+            f"classes: at most {MAX_REGISTERED_CLASSES} task classes per session"
+        )
+    ep.registrations.register(
+        tenant=_who(call).tenant,
+        nonce=call.session.nonce,
+        classes=classes,
+        token=ep.feed.token,
+        expires=call.session.expires,
+    )
+    call.logged_result = ""
+    return ""
+
+
+async def _event_unregister(ep: Endpoint, call: Call) -> str:
+    assert call.session is not None
+    classes = _registered_classes(call.args[0])
+    ep.registrations.unregister(tenant=_who(call).tenant, nonce=call.session.nonce, classes=classes)
+    call.logged_result = ""
+    return ""
+
+
+def _wanted(classes: set[str], entry: cache.OperationEntry) -> bool:
+    return "task" in classes or "*" in classes or f"task/{task_ref(entry)}" in classes
+
+
+async def _event_next(ep: Endpoint, call: Call) -> list[dict[str, Any]]:
+    """The registered classes' changes since the session's last event.next, waiting for
+    one (as long as :attr:`.xenevents.Settings.max_wait_seconds` at most; then an empty
+    list, and the client calls again). Waits count against the tenant's waiter bound."""
+    assert call.session is not None
+    tenant = _who(call).tenant
+    registered = ep.registrations.get(tenant=tenant, nonce=call.session.nonce)
+    if registered is None:
+        raise xenfaults.SessionNotRegistered("call event.register first")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ep.feed.settings.max_wait_seconds
+    while True:
+        changes = ep.feed.since(tenant, registered.token)
+        if changes is None:
+            registered.token = ep.feed.token
+            raise xenfaults.EventsLost("more changes than the gateway keeps; read the tasks again")
+        if changes:
+            registered.token = changes[-1].version
+            events = [
+                _event(c.entry, c.operation, c.version)
+                for c in changes
+                if _wanted(registered.classes, c.entry)
+            ]
+            if events:
+                call.logged_result = f"{len(events)} events"
+                return events
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            call.logged_result = "0 events"
+            return []
+        await ep.feed.wait(tenant, token=registered.token, seconds=remaining)
 
 
 METHODS: Mapping[str, Method] = {
@@ -717,6 +866,11 @@ METHODS: Mapping[str, Method] = {
     "task.cancel": Method(handler=_task_cancel, args=("task",)),
     "task.destroy": Method(handler=_task_destroy, args=("self",)),
     "task.create": Method(handler=_task_create, args=("label", "description")),
-    "event.from": Method(handler=_event_from, args=("classes", "token", "timeout"), cls="event"),
+    "event.from": Method(
+        handler=_event_from, args=("classes", "token", "timeout"), cls="event", long_poll=True
+    ),
+    "event.register": Method(handler=_event_register, args=("classes",), cls="event"),
+    "event.unregister": Method(handler=_event_unregister, args=("classes",), cls="event"),
+    "event.next": Method(handler=_event_next, cls="event", long_poll=True),
 }
 """Every method served on ``POST /xenapi``, by name."""
