@@ -233,6 +233,9 @@ class TrustStore:
     def _context(self, trust: Trust | None) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # A connection's client certificate is the one of its handshake, for good (the
+        # aggregated API reads its CN once per connection): no TLS 1.2 renegotiation.
+        context.options |= ssl.OP_NO_RENEGOTIATION
         context.load_cert_chain(self._serving.cert_file, self._serving.key_file)
         # Optional: discovery and health answer clients without a certificate.
         context.verify_mode = ssl.CERT_OPTIONAL
