@@ -45,6 +45,7 @@ import re
 import select
 import socket
 import sqlite3
+import ssl
 import urllib.parse
 import uuid
 import xml.etree.ElementTree as ET
@@ -568,9 +569,16 @@ def read_reply(sock: socket.socket) -> RawReply:
     return RawReply(status=response.status, headers=headers, body=body)
 
 
-def exchange(port: int, request: RawRequest, *, timeout: float = 30.0) -> RawReply:
-    """Send one request on a fresh connection and read the reply, whatever it is."""
-    with connect(port, timeout=timeout) as sock:
+def exchange(
+    port: int,
+    request: RawRequest,
+    *,
+    timeout: float = 30.0,
+    opener: Callable[[float], socket.socket] | None = None,
+) -> RawReply:
+    """Send one request on a fresh connection (``opener(timeout)``'s, by default a plain
+    one to ``port``) and read the reply, whatever it is."""
+    with (opener or (lambda t: connect(port, timeout=t)))(timeout) as sock:
         try:
             sock.sendall(request.head(port))
             body = memoryview(request.body)
@@ -597,7 +605,7 @@ def closed_by_peer(sock: socket.socket, *, within: float) -> bool:
     sock.settimeout(within)
     try:
         return sock.recv(1) == b""
-    except ConnectionResetError:
+    except (ConnectionResetError, ssl.SSLEOFError):
         return True
     except TimeoutError:
         return False
@@ -616,6 +624,22 @@ class DialectAdapter(abc.ABC, Generic[C]):
 
     def __init__(self, gateway: RunningGateway) -> None:
         self.gateway = gateway
+
+    @property
+    def port(self) -> int:
+        """Where the dialect listens: the gateway's port, unless it has a listener of its
+        own (the aggregated API's TLS port)."""
+        return self.gateway.port
+
+    def connect(self, *, timeout: float = 30.0) -> socket.socket:
+        """A fresh connection to :attr:`port` (TLS where the dialect's listener is)."""
+        return connect(self.port, timeout=timeout)
+
+    def exchange(self, request: RawRequest, *, timeout: float = 30.0) -> RawReply:
+        """:func:`exchange` on a connection of :meth:`connect`."""
+        return exchange(
+            self.port, request, timeout=timeout, opener=lambda t: self.connect(timeout=t)
+        )
 
     @abc.abstractmethod
     def client(self, tenant: Tenant) -> C:

@@ -259,6 +259,34 @@ def test_user_from_headers() -> None:
     assert frontproxy.user_from(trust, _headers(("X-Remote-User", " "))) is None
 
 
+def test_user_from_kube_apiserver_headers_is_built_once() -> None:
+    """What kube-apiserver 1.36 sends for a client-certificate user (its credential-id
+    extra among the X-Forwarded-* headers): one User for the same identity headers,
+    whatever else differs, and another as soon as one of them does."""
+    trust = frontproxy.Trust(ca_pem="", allowed_names=frozenset())
+
+    def sent(audit_id: str, group: str = "system:authenticated") -> CIMultiDictProxy[str]:
+        return _headers(
+            ("User-Agent", "kubectl/v1.36.3"),
+            ("Audit-Id", audit_id),
+            ("X-Forwarded-For", "192.0.2.1"),
+            ("X-Remote-Group", group),
+            ("X-Remote-User", "alice"),
+            ("X-Remote-Extra-Authentication.kubernetes.io%2fcredential-Id", "X509SHA256=ab"),
+        )
+
+    first = frontproxy.user_from(trust, sent("1"))
+    assert first == frontproxy.User(
+        name="alice",
+        groups=("system:authenticated",),
+        extra=(("authentication.kubernetes.io/credential-id", ("X509SHA256=ab",)),),
+    )
+    assert frontproxy.user_from(trust, sent("2")) is first
+    other = frontproxy.user_from(trust, sent("3", group="team-a"))
+    assert other is not None
+    assert other.groups == ("team-a",)
+
+
 def test_allowed_names() -> None:
     cert = {"subject": ((("commonName", "front-proxy-client"),),)}
     anyone = frontproxy.Trust(ca_pem="", allowed_names=frozenset())
@@ -411,7 +439,13 @@ async def serving(tmp_path: pathlib.Path) -> AsyncIterator[dict[str, Any]]:
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield {"port": port, "server_ca": server_ca, "proxy_ca": proxy_ca, "tmp": tmp_path}
+        yield {
+            "port": port,
+            "server_ca": server_ca,
+            "proxy_ca": proxy_ca,
+            "tmp": tmp_path,
+            "gateway": gateway,
+        }
     finally:
         await runner.cleanup()
 
@@ -525,6 +559,36 @@ async def _forbidden_is_a_kubernetes_status(api_server: dict[str, Any]) -> None:
     )
     assert status == 400
     assert json.loads(body)["reason"] == "BadRequest"
+
+
+def test_every_answer_is_counted_through_the_gateway(tmp_path: pathlib.Path) -> None:
+    _with_server(tmp_path, _every_answer_is_counted_through_the_gateway)
+
+
+async def _every_answer_is_counted_through_the_gateway(api_server: dict[str, Any]) -> None:
+    """401, 400, 403 and an oversized body: each counted by the gateway's one finishing
+    path (the same metrics as every dialect's calls); the oversized one also closes."""
+    proxy = netnscluster.issue("front-proxy-client", by=api_server["proxy_ca"], client=True)
+    path = "/apis/rpc.opkeeper.dev/v1alpha1/namespaces/team-a/xmlrpc"
+    as_alice = {"X-Remote-User": "alice"}
+    assert (await _request(api_server, "POST", path, body=b"<x/>"))[0] == 401
+    bad_ns = path.replace("team-a", "Not_A_Name")
+    assert (await _request(api_server, "POST", bad_ns, client=proxy, headers=as_alice, body=b""))[
+        0
+    ] == 400
+    create = xmlrpc_client.dumps(("", "noop", {}), "operation_create").encode()
+    assert (await _request(api_server, "POST", path, client=proxy, headers=as_alice, body=create))[
+        0
+    ] == 403
+    status, headers, body = await _request(
+        api_server, "POST", path, client=proxy, headers=as_alice, body=b"x" * 5000
+    )
+    assert status == 200
+    assert b"<fault>" in body
+    assert headers.get("Connection", "").lower() == "close"
+    exposition = api_server["gateway"].metrics.exposition().decode()
+    for outcome in ("Unauthorized", "BadRequest", "Forbidden"):
+        assert f'outcome="{outcome}"' in exposition, outcome
 
 
 def test_registration_objects() -> None:

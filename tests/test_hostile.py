@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from opkeeper.gateway import server, service, xenevents
 from opkeeper.gateway import xmlrpc as codec
 from opkeeper.gateway.dialects import cloudstack, xenapi
+from tests import hostile_aggregated
 from tests.gateway_support import RunningGateway, module_gateway
 from tests.hostile import (
     STORE_TENANT_OPERATIONS,
@@ -40,8 +41,6 @@ from tests.hostile import (
     build_world,
     call_log_count,
     closed_by_peer,
-    connect,
-    exchange,
     free_form_values,
     hostile_values,
     object_counts,
@@ -49,6 +48,7 @@ from tests.hostile import (
     readable,
     snapshot,
 )
+from tests.hostile_aggregated import AggregatedAdapter
 from tests.hostile_cloudstack import CloudStackAdapter
 
 ADAPTERS: list[type[DialectAdapter[Any]]] = [
@@ -57,6 +57,7 @@ ADAPTERS: list[type[DialectAdapter[Any]]] = [
     BdomAdapter,
     CloudStackAdapter,
     XenApiAdapter,
+    AggregatedAdapter,
 ]
 """Every dialect the gateway serves. A dialect added later adds its adapter here."""
 
@@ -75,10 +76,16 @@ e.g. a struct member name over 256 characters), or not found."""
 def gw(
     cluster: Any, api: kubernetes.client.ApiClient, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningGateway]:
+    # The aggregated API's listener, when the control plane is the local one (its
+    # front-proxy client key signs the suite's calls as kube-apiserver's would).
+    front_proxy = hostile_aggregated.front_proxy(
+        cluster.kubeconfig, tmp_path_factory.mktemp("aggregated")
+    )
     with module_gateway(
         cluster=cluster,
         api=api,
         tmp_path_factory=tmp_path_factory,
+        aggregated=None if front_proxy is None else front_proxy.settings,
         read_timeout_seconds=READ_TIMEOUT,
         # No controller runs here: a relaunch or cancel would wait out the default bound.
         service=service.Settings(write_visible_timeout_seconds=0.2),
@@ -86,6 +93,7 @@ def gw(
         # A generated event.from may carry a future token and a long timeout: bounded here.
         xenapi=xenapi.Settings(events=xenevents.Settings(max_wait_seconds=1.0)),
     ) as running:
+        hostile_aggregated.attach(running, front_proxy, api)
         yield running
 
 
@@ -231,7 +239,7 @@ def test_worst_case_body_within_a_cpu_budget(
     body = adapter_cls.worst_case_bodies()[kind]()
     request = adapter.raw_request(body, world.attacker)
     cpu, wall = time.process_time(), time.monotonic()
-    reply = exchange(gw.port, request)
+    reply = adapter.exchange(request)
     cpu, wall = time.process_time() - cpu, time.monotonic() - wall
     answer = adapter.classify(reply)
     assert answer.client_error, f"{kind} ({len(body)} bytes): {answer.describe()}"
@@ -256,9 +264,9 @@ def test_oversized_body_is_refused_and_the_connection_closed(
     the connection closed (its rest was never read as a request)."""
     adapter = adapter_cls(gw)
     request = adapter.raw_request(adapter_cls.body(padding=LIMIT + 64 * 1024), world.attacker)
-    with connect(gw.port) as sock:
+    with adapter.connect() as sock:
         try:
-            sock.sendall(request.head(gw.port, chunked=chunked))
+            sock.sendall(request.head(adapter.port, chunked=chunked))
             for start in range(0, len(request.body), 64 * 1024):
                 sock.sendall(_frame(request.body[start : start + 64 * 1024], chunked=chunked))
             if chunked:
@@ -287,9 +295,9 @@ def test_abandoned_oversized_bodies_are_answered_and_closed(
             adapter = cls(gw)
             request = adapter.raw_request(cls.body(padding=LIMIT + 64 * 1024), world.attacker)
             for chunked in (False, True):
-                sock = connect(gw.port)
+                sock = adapter.connect()
                 open_.append((f"{cls.name}, chunked={chunked}", adapter, sock))
-                sock.sendall(request.head(gw.port, chunked=chunked))
+                sock.sendall(request.head(adapter.port, chunked=chunked))
                 sent = 0
                 # Until the server answers: from the headers alone with a Content-Length,
                 # at the limit without one.
@@ -318,8 +326,8 @@ def test_slow_body_is_answered_within_the_read_timeout(
     (trickle), gets an error once the read timeout has passed, not a held connection."""
     adapter = adapter_cls(gw)
     request = adapter.raw_request(adapter_cls.body(), world.attacker)
-    with connect(gw.port) as sock:
-        sock.sendall(request.head(gw.port) + request.body[:10])
+    with adapter.connect() as sock:
+        sock.sendall(request.head(adapter.port) + request.body[:10])
         started = time.monotonic()
         deadline = started + READ_TIMEOUT + 5
         offset = 10
@@ -368,7 +376,7 @@ def test_decoder_fuzz_over_http(
     never a 5xx, a dropped connection or a reply the protocol's clients cannot parse."""
     adapter = adapter_cls(gw)
     body = data.draw(adapter_cls.fuzz_bodies(_seeds(adapter, world)), label="body")
-    answer: Answer = adapter.classify(exchange(gw.port, adapter.raw_request(body, world.attacker)))
+    answer: Answer = adapter.classify(adapter.exchange(adapter.raw_request(body, world.attacker)))
     assert answer.outcome == "ok" or answer.client_error, answer.describe()
 
 

@@ -33,13 +33,15 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import ipaddress
 import json
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -82,6 +84,11 @@ class Settings:
     trust_wait_seconds: float = 10.0
     """How long startup waits for the first read of the front-proxy ConfigMap before
     listening anyway (default 10 s); until it is read every call is 401."""
+    keepalive_timeout_seconds: float = 120.0
+    """How long an idle connection is kept open (default 120 s). Longer than
+    kube-apiserver's proxy keeps its idle connections to us (Go's 90 s), so the API
+    server closes them, never we: a connection we close just as it sends the next call
+    on it fails that call, and every reopened one costs a TLS handshake."""
 
 
 # --- discovery and OpenAPI (pure) ----------------------------------------------------
@@ -329,15 +336,40 @@ def methods() -> dict[str, rpc.Method]:
 def forwarded_address(header: str | None, peer: str) -> str:
     """The original client's address from the front proxy's X-Forwarded-For (its first
     entry, if it is an IP address), else the peer's (the API server's)."""
-    first = (header or "").split(",")[0].strip()
+    return _address((header or "").split(",")[0].strip()) or peer
+
+
+ADDRESS_CACHE_SIZE = 1024
+"""Distinct X-Forwarded-For addresses whose parsed form is kept (the same few clients
+call again and again; parsing one costs more than the rest of the header handling)."""
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _address(text: str) -> str | None:
     try:
-        return str(ipaddress.ip_address(first))
+        return str(ipaddress.ip_address(text))
     except ValueError:
-        return peer
+        return None
 
 
-Record = Callable[..., None]
 ReadBody = Callable[[web.Request], Awaitable[bytes | Exception]]
+
+
+class Finish(Protocol):
+    """How a call's answer leaves: :meth:`opkeeper.gateway.server.Gateway._finish`, the
+    one place every dialect's calls are counted and timed (and a connection whose body
+    was left unread is closed)."""
+
+    def __call__(
+        self,
+        response: web.Response,
+        *,
+        body: bytes | Exception,
+        dialect: str,
+        method: str,
+        outcome: str,
+        started: float,
+    ) -> web.Response: ...
 
 
 class API:
@@ -350,7 +382,7 @@ class API:
         dispatcher: rpc.Dispatcher,
         kube_client: kube.Client,
         read_body: ReadBody,
-        record: Record,
+        finish: Finish,
         ready: Callable[[], bool],
     ) -> None:
         self.settings = settings
@@ -368,7 +400,12 @@ class API:
         )
         self._kube = kube_client
         self._read_body = read_body
-        self._record = record
+        self._finish = finish
+        self._peer_names: weakref.WeakKeyDictionary[asyncio.BaseTransport, str | None] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Each TLS connection's client certificate CN: fixed at its handshake, and
+        decoding the certificate again for every call on it is measurable."""
         self._ready = ready
         self.trust_synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -479,41 +516,50 @@ class API:
         transport = request.transport
         if trust is None or transport is None:
             return None
-        if not frontproxy.name_allowed(trust, transport.get_extra_info("peercert")):
+        try:
+            name = self._peer_names[transport]
+        except KeyError:
+            name = self._peer_names[transport] = frontproxy.common_name(
+                transport.get_extra_info("peercert")
+            )
+        if not frontproxy.cn_allowed(trust, name):
             return None
         return frontproxy.user_from(trust, request.headers)
 
     async def call(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        answer, body, outcome = await self._answer(request)
+        return self._finish(
+            answer,
+            body=body,
+            dialect="none" if outcome is None else outcome.dialect,
+            method="unknown" if outcome is None else outcome.method,
+            outcome=_outcome(answer, outcome),
+            started=started,
+        )
+
+    async def _answer(
+        self, request: web.Request
+    ) -> tuple[web.Response, bytes | Exception, rpc.Outcome | None]:
+        """The answer to one call, the body as read (an exception when it was not: too
+        large, too slow) and the dispatcher's outcome when the call got that far."""
         user = self._caller(request)
         if user is None:
-            self._record(
-                dialect="none",
-                method="unknown",
-                outcome="Unauthorized",
-                seconds=time.perf_counter() - started,
-            )
-            return status(
+            answer = status(
                 401,
                 "Unauthorized",
                 "call through the Kubernetes API server: only its front proxy is believed here",
             )
+            return answer, b"", None
         try:
             namespace = names.namespace(request.match_info["namespace"])
         except names.InvalidName as exc:
-            return status(400, "BadRequest", str(exc))
+            return status(400, "BadRequest", str(exc)), b"", None
         body = await self._read_body(request)
         if isinstance(body, Exception):
             fault, encoded = faults.XMLRPC.encode(body)
-            self._record(
-                dialect="none",
-                method="unknown",
-                outcome=fault.name,
-                seconds=time.perf_counter() - started,
-            )
-            response = web.Response(body=encoded, content_type=XML, charset="utf-8")
-            response.force_close()  # the rest of an oversized body was never read
-            return response
+            outcome = rpc.Outcome(body=encoded, dialect="none", method="unknown", fault=fault)
+            return web.Response(body=encoded, content_type=XML, charset="utf-8"), body, outcome
 
         async def admit(method: str, call: rpc.Call) -> None:
             await self.authorizer.require(
@@ -540,23 +586,28 @@ class API:
                 admit=admit,
             )
         except access.Denied as exc:
-            self._record(
-                dialect="none",
-                method="unknown",
-                outcome="Forbidden",
-                seconds=time.perf_counter() - started,
-            )
-            return status(403, "Forbidden", str(exc))
+            return status(403, "Forbidden", str(exc)), body, None
         except errors.Unavailable as exc:
             log.warning("authorization unavailable: %s", exc)
-            return status(503, "ServiceUnavailable", str(exc))
-        self._record(
-            dialect=outcome.dialect,
-            method=outcome.method,
-            outcome="ok" if outcome.fault is None else outcome.fault.name,
-            seconds=time.perf_counter() - started,
-        )
-        return web.Response(body=outcome.body, content_type=XML, charset="utf-8")
+            return status(503, "ServiceUnavailable", str(exc)), body, None
+        return web.Response(body=outcome.body, content_type=XML, charset="utf-8"), body, outcome
+
+
+_STATUS_OUTCOMES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    503: "ServiceUnavailable",
+}
+"""The metrics outcome of an answer that is a Kubernetes Status (no XML-RPC outcome)."""
+
+
+def _outcome(answer: web.Response, outcome: rpc.Outcome | None) -> str:
+    """The metrics outcome: the XML-RPC one (``ok`` or the fault's name), else the
+    Status's reason."""
+    if outcome is not None:
+        return "ok" if outcome.fault is None else outcome.fault.name
+    return _STATUS_OUTCOMES.get(answer.status, str(answer.status))
 
 
 def _crashed(task: asyncio.Task[None]) -> None:

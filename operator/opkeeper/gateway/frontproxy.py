@@ -26,6 +26,7 @@ Parsing the ConfigMap and the headers are pure functions (:func:`trust_from`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import ssl
@@ -123,7 +124,12 @@ def common_name(peercert: Mapping[str, Any] | None) -> str | None:
 
 def name_allowed(trust: Trust, peercert: Mapping[str, Any] | None) -> bool:
     """Whether a connection with this verified client certificate is a front proxy."""
-    name = common_name(peercert)
+    return cn_allowed(trust, common_name(peercert))
+
+
+def cn_allowed(trust: Trust, name: str | None) -> bool:
+    """Whether a verified client certificate's CN (None: no certificate, or no CN) is
+    one a front proxy may have."""
     if name is None:
         return False
     return not trust.allowed_names or name in trust.allowed_names
@@ -134,23 +140,63 @@ def user_from(trust: Trust, headers: CIMultiDictProxy[str]) -> User | None:
 
     As kube-apiserver reads them: the first non-empty user (and UID) header; every
     value of every group header; extra keys lower-cased and percent-decoded.
+
+    This runs for every aggregated call, and kube-apiserver names the same few users
+    over and over (with the same groups and extra, e.g. its credential-id), so only
+    the identity headers are picked out here and the :class:`User` is built once per
+    distinct set of them (:func:`_user`, a bounded cache).
     """
-    name = next(
-        (v for h in trust.username_headers for v in headers.getall(h, []) if v.strip()), None
+    names = _header_names(trust)
+    picked = tuple(
+        (lower, value)
+        for name, value in headers.items()
+        if (lower := name.lower()) in names.exact or lower.startswith(names.prefixes)
     )
+    return _user(trust, picked)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _HeaderNames:
+    exact: frozenset[str]
+    """The user, group and UID headers, lower-cased."""
+    prefixes: tuple[str, ...]
+    """The extra headers' prefixes, lower-cased."""
+
+
+@functools.lru_cache(maxsize=8)
+def _header_names(trust: Trust) -> _HeaderNames:
+    return _HeaderNames(
+        exact=frozenset(h.lower() for h in (*trust.username_headers, *trust.group_headers))
+        | frozenset(h.lower() for h in trust.uid_headers),
+        prefixes=tuple(p.lower() for p in trust.extra_prefixes),
+    )
+
+
+USER_CACHE_SIZE = 1024
+"""Distinct identity header sets whose :class:`User` is kept (the front proxy is
+trusted, and the cache is bounded whatever it sends)."""
+
+
+@functools.lru_cache(maxsize=USER_CACHE_SIZE)
+def _user(trust: Trust, picked: tuple[tuple[str, str], ...]) -> User | None:
+    """The user that ``picked`` (lower-cased name, value: the identity headers in the
+    order they came) names, by :func:`user_from`'s rules."""
+
+    def values(header_names: tuple[str, ...]) -> list[str]:
+        wanted = [h.lower() for h in header_names]
+        return [v for h in wanted for name, v in picked if name == h]
+
+    name = next((v for v in values(trust.username_headers) if v.strip()), None)
     if name is None:
         return None
-    groups = tuple(v for h in trust.group_headers for v in headers.getall(h, []) if v)
+    groups = tuple(v for v in values(trust.group_headers) if v)
     extra: dict[str, list[str]] = {}
-    prefixes = tuple(p.lower() for p in trust.extra_prefixes)
-    for header, value in headers.items():
-        lower = header.lower()
-        if not lower.startswith(prefixes):  # one C call per header: this runs per request
-            continue
+    prefixes = _header_names(trust).prefixes
+    for lower, value in picked:
         for prefix in prefixes:
             if len(lower) > len(prefix) and lower.startswith(prefix):
                 extra.setdefault(urllib.parse.unquote(lower[len(prefix) :]), []).append(value)
-    uid = next((v for h in trust.uid_headers for v in headers.getall(h, []) if v), "")
+    uid = next((v for v in values(trust.uid_headers) if v), "")
     return User(
         name=name,
         uid=uid,
@@ -187,6 +233,9 @@ class TrustStore:
     def _context(self, trust: Trust | None) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # A connection's client certificate is the one of its handshake, for good (the
+        # aggregated API reads its CN once per connection): no TLS 1.2 renegotiation.
+        context.options |= ssl.OP_NO_RENEGOTIATION
         context.load_cert_chain(self._serving.cert_file, self._serving.key_file)
         # Optional: discovery and health answer clients without a certificate.
         context.verify_mode = ssl.CERT_OPTIONAL

@@ -323,7 +323,7 @@ class Gateway:
                 dispatcher=self.dispatcher,
                 kube_client=kube_client,
                 read_body=self._read_body,
-                record=self.metrics.record,
+                finish=self._finish,
                 ready=lambda: self.ready,
             )
         )
@@ -822,7 +822,7 @@ async def _aggregated(gateway: Gateway, *, settings: Settings) -> AsyncIterator[
             client_max_size=settings.limits.max_body_bytes + 1,
         ),
         access_log=None,
-        keepalive_timeout=settings.keepalive_timeout_seconds,
+        keepalive_timeout=settings.aggregated.keepalive_timeout_seconds,
         shutdown_timeout=settings.shutdown_timeout_seconds,
         lingering_time=settings.lingering_seconds,
     )
