@@ -74,7 +74,7 @@ def test_sigkill_of_the_leader_loses_nothing_and_starts_nothing_twice(
         namespace=namespace,
         plan=PLAN,
         logs=tmp_path,
-        settle_seconds=90,
+        settle_seconds=180,
     )
     logs = "\n".join(
         f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}"
