@@ -423,13 +423,7 @@ class PostgresCallLog(calllog.CallLog):
             rows = await self._conn.fetch(
                 _APPEND,
                 [p.tenant for p in group],
-                [p.when for p in group],
-                [p.method for p in group],
-                [p.args_json for p in group],
-                [p.result_json for p in group],
-                [p.exception for p in group],
-                [p.address for p in group],
-                [p.user for p in group],
+                *_fields(group),
                 [p.entry_id for p in group],
             )
         except Exception:
@@ -466,13 +460,7 @@ class PostgresCallLog(calllog.CallLog):
                     _INSERT,
                     [p.tenant for p in todo],
                     [stored[p.entry_id] for p in todo],
-                    [p.when for p in todo],
-                    [p.method for p in todo],
-                    [p.args_json for p in todo],
-                    [p.result_json for p in todo],
-                    [p.exception for p in todo],
-                    [p.address for p in todo],
-                    [p.user for p in todo],
+                    *_fields(todo),
                     [p.entry_id for p in todo],
                 )
         return [calllog.Serial(stored[p.entry_id]) for p in group]
@@ -557,3 +545,16 @@ class PostgresCallLog(calllog.CallLog):
             except TimeoutError:
                 self._pool.terminate()
             self._pool = None
+
+
+def _fields(group: list[_Pending]) -> list[list[Any]]:
+    """The entries' logged fields as one array per column, in the statements' order."""
+    return [
+        [p.when for p in group],
+        [p.method for p in group],
+        [p.args_json for p in group],
+        [p.result_json for p in group],
+        [p.exception for p in group],
+        [p.address for p in group],
+        [p.user for p in group],
+    ]
