@@ -81,7 +81,7 @@ import aiohttp
 
 import common  # bench/common.py: the script's directory is on sys.path
 from opkeeper import kube
-from opkeeper.gateway import auth, server, xenevents
+from opkeeper.gateway import auth, kubeio, server, xenevents
 from opkeeper.gateway.dialects import cloudstack, xenapi
 
 NAMESPACE = "bench"
@@ -186,6 +186,7 @@ async def _gateway_main(
             # No feeds: the cache is filled here, with the same reset a watch SYNC does.
             gateway.operations.reset(synthetic(i) for i in range(1, size + 1))
             gateway.tasks.reset([])
+            kubeio.settle_heap()  # as feed() does after a SYNC
             for event in gateway.synced.values():
                 event.set()
         else:

@@ -1,5 +1,5 @@
 """What only the SQLite call log has (processes sharing the file, its thread, the file's
-mode) and the redaction rule; what every store must do is tests/test_gateway_calllog_contract.py."""
+mode), the redaction rule and what a dialect does when a write fails; what every store must do is tests/test_gateway_calllog_contract.py."""
 
 from __future__ import annotations
 
@@ -140,3 +140,52 @@ def test_redact_reaches_every_depth() -> None:
             "years": 2,
         },
     ]
+
+
+class _Failing(calllog.CallLog):
+    """A store whose every write fails with ``error`` (the rest is never called)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def _append(self, **entry: object) -> calllog.Serial:
+        raise self.error
+
+    async def since(self, *, tenant: str, serial: int, limit: int) -> list[calllog.Entry]:
+        raise NotImplementedError
+
+    async def latest(self, *, tenant: str, n: int) -> list[calllog.Entry]:
+        raise NotImplementedError
+
+    async def purge(self, *, older_than: datetime.datetime) -> int:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [
+        (calllog.Deferred("buffered"), False),
+        (calllog.Unstored("dropped"), True),
+        (OSError("disk full"), True),
+    ],
+)
+def test_a_failed_write_is_counted_and_never_raised(
+    error: Exception, logged: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    failures: list[None] = []
+    store = _Failing(error)
+    asyncio.run(
+        store.record(
+            on_failure=lambda: failures.append(None),
+            tenant="t",
+            method="task.get_record",
+            args_json="[]",
+            result_json="null",
+        )
+    )
+    assert len(failures) == 1
+    # A Deferred entry is the store's outage, which the store reports once, not per call.
+    assert ("call log write failed for t task.get_record" in caplog.text) is logged

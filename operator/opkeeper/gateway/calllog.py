@@ -17,9 +17,12 @@ import abc
 import dataclasses
 import datetime
 import json
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NewType
+
+log = logging.getLogger(__name__)
 
 Serial = NewType("Serial", int)
 """A position in one tenant's log, 1, 2, 3, ... with no gaps."""
@@ -174,6 +177,40 @@ class CallLog(abc.ABC):
             when=when or datetime.datetime.now(datetime.UTC),
             user=clean(cap_text(user, limit=256)),
         )
+
+    async def record(
+        self,
+        *,
+        on_failure: Callable[[], None],
+        tenant: str,
+        method: str,
+        args_json: str,
+        result_json: str,
+        exception: str = "",
+        address: str = "",
+        when: datetime.datetime | None = None,
+        user: str = "",
+    ) -> None:
+        """:meth:`append` for a dialect answering a call: a store failure never changes
+        the answer (the call already happened, and a client told otherwise would retry
+        it: a second create). Every failure is counted (``on_failure``); a
+        :class:`Deferred` entry is not logged again (the store logs its outage once)."""
+        try:
+            await self.append(
+                tenant=tenant,
+                method=method,
+                args_json=args_json,
+                result_json=result_json,
+                exception=exception,
+                address=address,
+                when=when,
+                user=user,
+            )
+        except Deferred:
+            on_failure()
+        except Exception:
+            on_failure()
+            log.exception("call log write failed for %s %s", tenant, method)
 
     @abc.abstractmethod
     async def _append(

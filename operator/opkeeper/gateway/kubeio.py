@@ -9,12 +9,17 @@ operation it simply has not listed yet.
 :class:`DryRun` sends the patches and deletes of a gocept ``apply`` batch
 with ``dryRun=All`` first: the API server then runs the full validation
 (schema, CEL rules, admission) without persisting anything.
+
+After each ``SYNC`` the heap is settled (:func:`settle_heap`): a cache of
+100,000 Operations is millions of objects, and one full collection walking
+them paused every request for half a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
@@ -147,9 +152,19 @@ async def feed(events: AsyncIterator[kube.WatchEvent], *, into: Fed, synced: asy
     async for event in events:
         if event.type == "SYNC":
             into.reset(event.objects or [])
+            settle_heap()
             synced.set()
         elif event.object is not None:
             into.apply(event=event.type, obj=event.object)
+
+
+def settle_heap() -> None:
+    """Collect, then freeze what survives: a cache just (re)filled lives until the next
+    relist, so full collections need not walk it again (its entries are still freed by
+    reference counting when replaced; they hold no cycles). One pause per relist instead
+    of one per full collection (measured: 477 ms each at 100,000 Operations)."""
+    gc.collect()
+    gc.freeze()
 
 
 class DryRun:

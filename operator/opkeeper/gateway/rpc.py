@@ -21,14 +21,11 @@ import binascii
 import dataclasses
 import datetime
 import json
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from opkeeper import errors, names, states
 from opkeeper.gateway import auth, cache, calllog, faults, service, xmlrpc
-
-log = logging.getLogger(__name__)
 
 REDACTED_KEY = "<api key>"
 REDACTED_SESSION = "<session>"
@@ -161,20 +158,17 @@ class Dispatcher:
             result_json = call.logged_result.result_json
         else:
             result_json = to_json(calllog.redact(call.logged_result))
-        try:
-            await self.svc.call_log.append(
-                tenant=call.identity.tenant,
-                method=name,
-                args_json=to_json({"args": calllog.redact(call.logged_args), "kw": {}}),
-                result_json=result_json,
-                exception="" if fault is None else f"{fault.code}: {fault.message}",
-                address=call.request.address,
-                when=call.request.now,
-                user=call.identity.user_id,
-            )
-        except Exception:
-            self.on_log_failure()
-            log.exception("call log write failed for %s.%s", call.identity.tenant, name)
+        await self.svc.call_log.record(
+            on_failure=self.on_log_failure,
+            tenant=call.identity.tenant,
+            method=name,
+            args_json=to_json({"args": calllog.redact(call.logged_args), "kw": {}}),
+            result_json=result_json,
+            exception="" if fault is None else f"{fault.code}: {fault.message}",
+            address=call.request.address,
+            when=call.request.now,
+            user=call.identity.user_id,
+        )
 
     # --- authentication ----------------------------------------------------------
 

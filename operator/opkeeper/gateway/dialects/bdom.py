@@ -31,7 +31,6 @@ import base64
 import binascii
 import dataclasses
 import datetime
-import logging
 import math
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -45,8 +44,6 @@ import xmlschema
 
 from opkeeper import apikeys, errors, names, states
 from opkeeper.gateway import auth, cache, calllog, faults, rpc, service, xmlrpc
-
-log = logging.getLogger(__name__)
 
 DIALECT = states.Dialect.BDOM
 PREFIX = "/bdom/task/"
@@ -884,20 +881,17 @@ class Endpoint:
         exception: str,
     ) -> None:
         """A store failure never changes the answer: the call happened (as in rpc.py)."""
-        try:
-            await self.svc.call_log.append(
-                tenant=who.tenant,
-                method=f"bdom.{opcode}",
-                args_json=rpc.to_json({"args": [calllog.redact(logged.args)], "kw": {}}),
-                result_json="null" if exception else rpc.to_json(logged.result),
-                exception=exception,
-                address=request.address,
-                when=request.now,
-                user=who.user_id,
-            )
-        except Exception:
-            self.on_log_failure()
-            log.exception("call log write failed for %s bdom.%s", who.tenant, opcode)
+        await self.svc.call_log.record(
+            on_failure=self.on_log_failure,
+            tenant=who.tenant,
+            method=f"bdom.{opcode}",
+            args_json=rpc.to_json({"args": [calllog.redact(logged.args)], "kw": {}}),
+            result_json="null" if exception else rpc.to_json(logged.result),
+            exception=exception,
+            address=request.address,
+            when=request.now,
+            user=who.user_id,
+        )
 
     def _error(self, exc: Exception, *, opcode: str) -> Reply:
         fault = FAULTS.fault_for(exc)

@@ -37,7 +37,6 @@ import functools
 import hashlib
 import hmac
 import json
-import logging
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -46,8 +45,6 @@ from xml.sax import saxutils
 
 from opkeeper import errors, names, states
 from opkeeper.gateway import auth, cache, calllog, faults, service, xmlrpc
-
-log = logging.getLogger(__name__)
 
 DIALECT = states.Dialect.CLOUDSTACK
 
@@ -765,21 +762,18 @@ class Api:
             if k != "command"
         }
         exception = "" if error is None else f"{error.status}: {error.error_text}"
-        try:
-            await self.svc.call_log.append(
-                tenant=call.who.tenant,
-                method=call.name,
-                args_json=_JSON.encode({"args": [], "kw": arguments}),
-                # Results are the handlers' own summaries (ids, states, counts): no secrets.
-                result_json="null" if error else _JSON.encode(call.logged_result),
-                exception=exception,
-                address=address,
-                when=call.now,
-                user=call.who.user_id,
-            )
-        except Exception:
-            self.on_log_failure()
-            log.exception("call log write failed for %s.%s", call.who.tenant, call.name)
+        await self.svc.call_log.record(
+            on_failure=self.on_log_failure,
+            tenant=call.who.tenant,
+            method=call.name,
+            args_json=_JSON.encode({"args": [], "kw": arguments}),
+            # Results are the handlers' own summaries (ids, states, counts): no secrets.
+            result_json="null" if error else _JSON.encode(call.logged_result),
+            exception=exception,
+            address=address,
+            when=call.now,
+            user=call.who.user_id,
+        )
 
 
 _secret_name = functools.lru_cache(maxsize=1024)(calllog.is_secret_name)

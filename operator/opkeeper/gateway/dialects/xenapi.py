@@ -28,7 +28,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -47,8 +46,6 @@ from opkeeper.gateway import (
     xenfaults,
     xmlrpc,
 )
-
-log = logging.getLogger(__name__)
 
 DIALECT = states.Dialect.XENAPI
 REF_PREFIX = "OpaqueRef:"
@@ -253,21 +250,18 @@ class Endpoint:
             exception, result_json = "", call.logged_result.result_json
         else:
             exception, result_json = "", rpc.to_json(calllog.redact(call.logged_result))
-        try:
-            await self.svc.call_log.append(
-                tenant=call.identity.tenant,
-                method=call.ctx.method,
-                args_json=call.args_json
-                or rpc.to_json({"args": calllog.redact(call.logged_args), "kw": {}}),
-                result_json=result_json,
-                exception=exception,
-                address=call.request.address,
-                when=call.request.now,
-                user=call.identity.user_id,
-            )
-        except Exception:
-            self.on_log_failure()
-            log.exception("call log write failed for %s.%s", call.identity.tenant, call.ctx.method)
+        await self.svc.call_log.record(
+            on_failure=self.on_log_failure,
+            tenant=call.identity.tenant,
+            method=call.ctx.method,
+            args_json=call.args_json
+            or rpc.to_json({"args": calllog.redact(call.logged_args), "kw": {}}),
+            result_json=result_json,
+            exception=exception,
+            address=call.request.address,
+            when=call.request.now,
+            user=call.identity.user_id,
+        )
 
 
 def _encode(value: Any) -> bytes:
