@@ -1,5 +1,6 @@
 """What only the SQLite call log has (processes sharing the file, its thread, the file's
-mode), the redaction rule and what a dialect does when a write fails; what every store must do is tests/test_gateway_calllog_contract.py."""
+mode), the redaction rule and what a dialect does when a write fails; what every store
+must do is tests/test_gateway_calllog_contract.py."""
 
 from __future__ import annotations
 
