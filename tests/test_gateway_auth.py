@@ -195,6 +195,43 @@ def test_a_signing_key_that_changed_is_read_again_once() -> None:
     assert rotated.reloads == 1
 
 
+def test_a_remembered_session_is_checked_again_under_a_new_signing_key() -> None:
+    class Replaced:
+        def __init__(self) -> None:
+            self.current = b"old" * 11
+
+        async def key(self) -> bytes:
+            return self.current
+
+        async def reload(self) -> bytes | None:
+            return None
+
+    key = auth.new_key()
+    signing = Replaced()
+    _, sessions, _ = make(key, signing_key=signing)
+    token = sessions.login(key)
+    sessions.resolve(token)  # verified once: remembered
+    signing.current = b"new" * 11
+    with pytest.raises(errors.Unauthenticated, match="unknown session"):
+        sessions.resolve(token)
+
+
+def test_only_verified_tokens_are_remembered_and_their_number_is_bounded() -> None:
+    key = auth.new_key()
+    _, sessions, _ = make(key)
+    for n in range(100):
+        with pytest.raises(errors.Unauthenticated):
+            sessions.resolve(f"forged{n}.mac")
+    tokens = [sessions.login(key) for _ in range(auth.VERIFIED_KEPT + 10)]
+    for token in tokens:
+        sessions.resolve(token)
+    kept = sessions.sessions._verified
+    assert len(kept) == auth.VERIFIED_KEPT
+    assert tokens[-1] in kept
+    assert tokens[0] not in kept
+    assert sessions.resolve(tokens[0]).tenant == "team-a"  # forgotten, not refused
+
+
 def test_only_the_key_namespace_counts() -> None:
     key = auth.new_key()
     ring = auth.KeyRing(settings=auth.KeyRingSettings(namespace="opkeeper-system"))
