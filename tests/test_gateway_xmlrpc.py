@@ -281,6 +281,15 @@ def test_never_writes_extensions() -> None:
     assert "<nil" not in body
 
 
+@pytest.mark.parametrize("text", ["", " spaced ", "a&<b>]]>", "é\n\tü", "0", "1.5"])
+def test_bare_strings_read_back_as_strings(text: str) -> None:
+    value = {"s": text, "list": [text, 1], "nested": {"t": text}}
+    body = codec.encode_response(value, bare_strings=True)
+    assert b"<string>" not in body
+    (decoded,), _ = xmlrpc.client.loads(body, use_builtin_types=True)
+    assert decoded == value
+
+
 def test_fault_roundtrip() -> None:
     with pytest.raises(xmlrpc.client.Fault) as caught:
         xmlrpc.client.loads(codec.encode_fault(code=404, message="gone <now> \x00"))

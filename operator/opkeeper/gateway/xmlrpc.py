@@ -425,32 +425,40 @@ def _escape(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
-def _encode(value: Any, out: list[str], depth: int) -> None:
+_Writers = dict[type, "Callable[[Any, list[str], int, _Writers], None]"]
+"""Each XML-RPC type's writer, by the Python type it writes."""
+
+
+def _encode(value: Any, out: list[str], depth: int, writers: _Writers) -> None:
     if depth > _ENCODE_MAX_DEPTH:
         raise NotRepresentable(f"the result is nested deeper than {_ENCODE_MAX_DEPTH}")
     # One dict lookup on the exact type for the common cases; subclasses (StrEnum,
     # OrderedDict, ...) find their writer through isinstance below.
-    writer = _WRITERS.get(type(value))
+    writer = writers.get(type(value))
     if writer is None:
-        writer = next((w for t, w in _WRITERS.items() if isinstance(value, t)), None)
+        writer = next((w for t, w in writers.items() if isinstance(value, t)), None)
         if writer is None:
             if value is None:
                 raise NotRepresentable(
                     "the result holds a null, which standard XML-RPC has no type for"
                 )
             raise NotRepresentable(f"no XML-RPC type for {type(value).__name__}")
-    writer(value, out, depth)
+    writer(value, out, depth, writers)
 
 
-def _write_str(value: str, out: list[str], depth: int) -> None:
+def _write_str(value: str, out: list[str], depth: int, writers: _Writers) -> None:
     out.append(f"<value><string>{_escape(value)}</string></value>")
 
 
-def _write_bool(value: bool, out: list[str], depth: int) -> None:
+def _write_bare_str(value: str, out: list[str], depth: int, writers: _Writers) -> None:
+    out.append(f"<value>{_escape(value)}</value>")
+
+
+def _write_bool(value: bool, out: list[str], depth: int, writers: _Writers) -> None:
     out.append(f"<value><boolean>{int(value)}</boolean></value>")
 
 
-def _write_int(value: int, out: list[str], depth: int) -> None:
+def _write_int(value: int, out: list[str], depth: int, writers: _Writers) -> None:
     if not I4_MIN <= value <= I4_MAX:
         raise NotRepresentable(
             f"the integer {value} does not fit the 32-bit XML-RPC <int> (<i8> is not standard)"
@@ -458,27 +466,29 @@ def _write_int(value: int, out: list[str], depth: int) -> None:
     out.append(f"<value><int>{value}</int></value>")
 
 
-def _write_float(value: float, out: list[str], depth: int) -> None:
+def _write_float(value: float, out: list[str], depth: int, writers: _Writers) -> None:
     if not math.isfinite(value):
         raise NotRepresentable(f"the double {value} has no XML-RPC form")
     out.append(f"<value><double>{value!r}</double></value>")
 
 
-def _write_datetime(value: datetime.datetime, out: list[str], depth: int) -> None:
+def _write_datetime(
+    value: datetime.datetime, out: list[str], depth: int, writers: _Writers
+) -> None:
     out.append(f"<value><dateTime.iso8601>{format_datetime(value)}</dateTime.iso8601></value>")
 
 
-def _write_bytes(value: bytes, out: list[str], depth: int) -> None:
+def _write_bytes(value: bytes, out: list[str], depth: int, writers: _Writers) -> None:
     out.append(f"<value><base64>{base64.b64encode(value).decode('ascii')}</base64></value>")
 
 
-def _write_struct(value: dict[Any, Any], out: list[str], depth: int) -> None:
+def _write_struct(value: dict[Any, Any], out: list[str], depth: int, writers: _Writers) -> None:
     out.append("<value><struct>")
     for key, item in value.items():
         if not isinstance(key, str):
             raise NotRepresentable(f"struct member names must be strings, not {key!r}")
         out.append(f"<member><name>{_escape(key)}</name>")
-        _encode(item, out, depth + 1)
+        _encode(item, out, depth + 1, writers)
         out.append("</member>")
     out.append("</struct></value>")
 
@@ -486,24 +496,26 @@ def _write_struct(value: dict[Any, Any], out: list[str], depth: int) -> None:
 _JUST_INT = {int}
 
 
-def _write_array(value: list[Any] | tuple[Any, ...], out: list[str], depth: int) -> None:
+def _write_array(
+    value: list[Any] | tuple[Any, ...], out: list[str], depth: int, writers: _Writers
+) -> None:
     out.append("<value><array><data>")
     if set(map(type, value)) == _JUST_INT:
         # The common large answer is a list of ids (operation_list: up to 300): one check
         # of the range and one join instead of a writer call per item.
         if value and not (min(value) >= I4_MIN and max(value) <= I4_MAX):
             bad = next(item for item in value if not I4_MIN <= item <= I4_MAX)
-            _write_int(bad, out, depth)  # raises NotRepresentable, naming the value
+            _write_int(bad, out, depth, writers)  # raises NotRepresentable, naming the value
         if value:
             ints = "</int></value><value><int>".join(map(str, value))
             out.append(f"<value><int>{ints}</int></value>")
     else:
         for item in value:
-            _encode(item, out, depth + 1)
+            _encode(item, out, depth + 1, writers)
     out.append("</data></array></value>")
 
 
-_WRITERS: dict[type, Callable[[Any, list[str], int], None]] = {
+_WRITERS: _Writers = {
     # bool before int: isinstance(True, int) holds, and the fallback scan keeps this order.
     str: _write_str,
     bool: _write_bool,
@@ -518,13 +530,19 @@ _WRITERS: dict[type, Callable[[Any, list[str], int], None]] = {
 }
 
 
+_BARE_STRING_WRITERS: _Writers = {**_WRITERS, str: _write_bare_str}
+
+
 _HEAD = "<?xml version='1.0' encoding='UTF-8'?>\n"
 
 
-def encode_response(value: Any) -> bytes:
-    """A ``methodResponse`` carrying ``value``; raises :class:`NotRepresentable`."""
+def encode_response(value: Any, *, bare_strings: bool = False) -> bytes:
+    """A ``methodResponse`` carrying ``value``; raises :class:`NotRepresentable`.
+
+    ``bare_strings`` writes strings as ``<value>text</value>``, the spec's default type,
+    as XenAPI's own server does (a tenth fewer bytes in a task record)."""
     out = [_HEAD, "<methodResponse><params><param>"]
-    _encode(value, out, 0)
+    _encode(value, out, 0, _BARE_STRING_WRITERS if bare_strings else _WRITERS)
     out.append("</param></params></methodResponse>\n")
     return "".join(out).encode("utf-8")
 
@@ -539,6 +557,6 @@ def encode_fault(*, code: int, message: str) -> bytes:
     """A ``methodResponse`` fault; characters XML cannot carry are replaced, never raised."""
     safe = printable(message)
     out = [_HEAD, "<methodResponse><fault>"]
-    _encode({"faultCode": code, "faultString": safe}, out, 0)
+    _encode({"faultCode": code, "faultString": safe}, out, 0, _WRITERS)
     out.append("</fault></methodResponse>\n")
     return "".join(out).encode("utf-8")

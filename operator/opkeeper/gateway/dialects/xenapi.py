@@ -203,7 +203,7 @@ class Endpoint:
             answer = (
                 value.body
                 if isinstance(value, Encoded)
-                else xmlrpc.encode_response(_envelope(value))
+                else xmlrpc.encode_response(_envelope(value), bare_strings=True)
             )
         except Exception as exc:
             ctx = call.ctx if call is not None else ctx
@@ -265,11 +265,15 @@ class Endpoint:
 
 
 def _encode(value: Any) -> bytes:
+    """The answer as XenAPI's own server writes it (strings untyped, ``<value>x</value>``);
+    a value no XML-RPC type carries becomes a failure envelope."""
     try:
-        return xmlrpc.encode_response(value)
+        return xmlrpc.encode_response(value, bare_strings=True)
     except xmlrpc.NotRepresentable as exc:
         failure = xenfaults.description(exc, xenfaults.Context(method=""))
-        return xmlrpc.encode_response({"Status": "Failure", "ErrorDescription": failure})
+        return xmlrpc.encode_response(
+            {"Status": "Failure", "ErrorDescription": failure}, bare_strings=True
+        )
 
 
 def _metric_fault(failure: list[str]) -> faults.Fault:
