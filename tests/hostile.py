@@ -2275,23 +2275,7 @@ class XenClient:
         return self.call(f"task.{method}", self.session, *args)
 
 
-_XEN_REF_READS = (
-    "get_record",
-    "get_uuid",
-    "get_name_label",
-    "get_name_description",
-    "get_status",
-    "get_progress",
-    "get_eta",
-    "get_type",
-    "get_result",
-    "get_error_code",
-    "get_error_info",
-    "get_created",
-    "get_finished",
-    "get_allowed_operations",
-    "get_other_config",
-)
+_XEN_REF_READS = ("get_record", *(f"get_{field}" for field in xenapi.TASK_FIELDS))
 """The task methods that take one task ref and change nothing."""
 
 

@@ -233,6 +233,9 @@ def test_the_kept_record_answer_is_sendable_and_logged_without_a_redact_walk() -
     # Logged: what the client learnt, nothing secret-looking among it.
     logged = {f: record[f] for f in xenapi.LOGGED_RECORD_FIELDS}
     assert answer.result_json == rpc.to_json(calllog.redact(logged))
+    ref = xenapi.task_ref(failed)
+    generic = rpc.to_json({"args": calllog.redact([rpc.REDACTED_SESSION, ref]), "kw": {}})
+    assert xenapi._ref_args(ref) == generic
 
 
 def test_registrations_are_per_session_bounded_per_tenant_and_expire() -> None:

@@ -399,7 +399,7 @@ def _text(value: Any) -> str:
     return xmlrpc.printable(str(value))
 
 
-RECORD_FIELDS = (
+TASK_FIELDS = (
     "uuid",
     "name_label",
     "name_description",
@@ -418,10 +418,9 @@ RECORD_FIELDS = (
     "subtask_of",
     "subtasks",
     "other_config",
-    "opkeeper_id",
-    "opkeeper_name",
-    "opkeeper_state",
 )
+"""A task record's members, each also served as ``task.get_<field>``."""
+RECORD_FIELDS = (*TASK_FIELDS, "opkeeper_id", "opkeeper_name", "opkeeper_state")
 """Every member name a task record has (other_config's included): none looks secret to
 :func:`.calllog.is_secret_name` (a unit test checks), so the record goes into the call
 log without a :func:`.calllog.redact` walk, which cost more than the rest of the build."""
@@ -563,9 +562,19 @@ async def _task_all_records(ep: Endpoint, call: Call) -> dict[str, Any]:
 
 
 async def _task_record(ep: Endpoint, call: Call) -> Encoded:
-    answer = _record_answer(_task(ep, call, call.args[0]))
+    entry = _task(ep, call, call.args[0])
+    answer = _record_answer(entry)
+    call.args_json = _ref_args(task_ref(entry))
     call.logged_result = answer
     return answer
+
+
+@functools.lru_cache(maxsize=4096)
+def _ref_args(ref: str) -> str:
+    """The call-log arguments of a read of one task, by its ref: only a ref that named a
+    task gets here (short, nothing to redact), and polling clients read the same tasks
+    again and again."""
+    return rpc.to_json({"args": [rpc.REDACTED_SESSION, ref], "kw": {}})
 
 
 async def _task_by_uuid(ep: Endpoint, call: Call) -> str:
@@ -591,7 +600,9 @@ async def _task_by_name_label(ep: Endpoint, call: Call) -> list[str]:
 
 def _getter(field: str) -> Handler:
     async def get(ep: Endpoint, call: Call) -> Any:
-        value = task_record(_task(ep, call, call.args[0]))[field]
+        entry = _task(ep, call, call.args[0])
+        value = task_record(entry)[field]
+        call.args_json = _ref_args(task_ref(entry))
         call.logged_result = value
         return value
 
@@ -853,23 +864,7 @@ METHODS: Mapping[str, Method] = {
     "task.get_by_uuid": Method(handler=_task_by_uuid, args=("uuid",)),
     "task.get_by_name_label": Method(handler=_task_by_name_label, args=("label",)),
     **{
-        f"task.get_{field}": Method(handler=_getter(field), args=("self",))
-        for field in (
-            "uuid",
-            "name_label",
-            "name_description",
-            "status",
-            "progress",
-            "eta",
-            "type",
-            "result",
-            "error_code",
-            "error_info",
-            "created",
-            "finished",
-            "allowed_operations",
-            "other_config",
-        )
+        f"task.get_{field}": Method(handler=_getter(field), args=("self",)) for field in TASK_FIELDS
     },
     "task.set_name_label": Method(
         handler=_setter(cache.NAME_LABEL_ANNOTATION), args=("self", "value")
