@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+from collections.abc import Callable
 from typing import Any, cast
 
 import kopf
@@ -16,7 +17,7 @@ from opkeeper.controller import STORAGE_PREFIX, DiffBaseStorage
 from opkeeper.controller.events import EventPoster
 from opkeeper.controller.operations import merge_diff
 from opkeeper.controller.workqueue import WorkQueue
-from opkeeper.executors import base, builtin
+from opkeeper.executors import base, builtin, job
 
 
 def test_merge_diff_is_an_rfc7386_patch() -> None:
@@ -162,3 +163,70 @@ def test_events_beyond_the_burst_and_rate_are_dropped(monkeypatch: pytest.Monkey
         return queued
 
     assert asyncio.run(scenario()) == [3, 5]
+
+
+class _LateClient:
+    """A client whose answers reach the executor after the watch event of the Job's next
+    change (``on_call`` runs while the request is in flight)."""
+
+    def __init__(self, answer: dict[str, Any], on_call: Callable[[], None]) -> None:
+        self.answer, self.on_call = answer, on_call
+
+    async def create(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.on_call()
+        return self.answer
+
+    async def get(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.on_call()
+        return self.answer
+
+
+_JOB_NAME = job.job_name(operation="s", uid="u", attempt=0)
+
+
+def _job_body(*, rv: int, complete: bool) -> dict[str, Any]:
+    conditions = [{"type": "Complete", "status": "True"}] if complete else []
+    return {
+        "metadata": {
+            "name": _JOB_NAME,
+            "namespace": "n",
+            "uid": "job-uid",
+            "resourceVersion": str(rv),
+            "labels": {job.OPERATION_UID_LABEL: "u"},
+        },
+        "status": {"conditions": conditions},
+    }
+
+
+@pytest.mark.parametrize("late", ["create", "get"])
+def test_a_late_job_answer_does_not_hide_its_completion(late: str) -> None:
+    op = models.Operation.model_validate(
+        {
+            "metadata": {"name": "s", "namespace": "n", "uid": "u"},
+            "spec": {"type": "t", "executor": {"job": {"template": {"spec": {}}}}},
+            "status": {
+                "executor": {"kind": "job", "jobName": _JOB_NAME, "jobUid": "job-uid"},
+            },
+        }
+    )
+    ctx = base.Context(
+        op=op,
+        body={
+            "apiVersion": "opkeeper.dev/v1alpha1",
+            "metadata": {"name": "s", "namespace": "n", "uid": "u"},
+        },
+        id=1,
+        attempt=0,
+        now=datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC),
+    )
+    completed = _job_body(rv=7, complete=True)
+    client = _LateClient(
+        _job_body(rv=5, complete=False),
+        on_call=lambda: executor.observe(event_type="MODIFIED", job=completed),
+    )
+    executor = job.JobExecutor(client)  # type: ignore[arg-type]
+    if late == "create":
+        asyncio.run(executor.start(ctx))
+    outcome = asyncio.run(executor.poll(ctx))
+    assert isinstance(outcome, base.Finished)
+    assert outcome.event is states.Event.SUCCEED

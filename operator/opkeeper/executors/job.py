@@ -100,9 +100,20 @@ class JobExecutor:
         if event_type == "DELETED":
             self._jobs.pop(key, None)
         else:
-            self._jobs[key] = job
+            self._hold(key, job)
         uid: str | None = (meta.get("labels") or {}).get(OPERATION_UID_LABEL)
         return uid
+
+    def _hold(self, key: tuple[str, str], job: kube.Body) -> kube.Body:
+        """Keep ``job`` unless a newer version is held, and return the version held: a
+        create's or a GET's answer can arrive after the watch event of the Job's next
+        change (it completed meanwhile), and that event is the last one the Job sends."""
+        held = self._jobs.get(key)
+        if kube.is_newer(job, than=held):
+            self._jobs[key] = job
+            return job
+        assert held is not None
+        return held
 
     async def start(self, ctx: base.Context) -> base.Outcome:
         name = job_name(operation=ctx.name, uid=ctx.uid, attempt=ctx.attempt)
@@ -122,7 +133,7 @@ class JobExecutor:
             return base.Finished(
                 event=states.Event.FAIL_INTERNAL, reason="InvalidJobTemplate", message=str(exc)
             )
-        self._jobs[(ctx.namespace, name)] = job
+        self._hold((ctx.namespace, name), job)
         return base.Running(
             executor=models.ExecutorStatus(
                 kind="job",
@@ -149,7 +160,7 @@ class JobExecutor:
                     reason="JobMissing",
                     message=f"the Job {name} of this attempt was deleted",
                 )
-            self._jobs[(ctx.namespace, name)] = job
+            job = self._hold((ctx.namespace, name), job)
         if record and record.job_uid and job["metadata"]["uid"] != record.job_uid:
             return base.Finished(
                 event=states.Event.FAIL_INTERNAL,
