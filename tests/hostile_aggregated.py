@@ -200,13 +200,19 @@ def grant(api: kubernetes.client.ApiClient, namespace: str) -> None:
 
 # --- answers --------------------------------------------------------------------------------
 
-_STATUS_CLASSES = {400: "bad_argument", 401: "unauthenticated", 403: "forbidden"}
+_STATUS_CLASSES = {
+    400: "bad_argument",
+    401: "unauthenticated",
+    403: "forbidden",
+    429: "server",  # the write budget, as the XML-RPC dialects' 429 / 110030 faults class it
+}
 
 
 def classify(reply: RawReply) -> Answer:
     """A call's answer: XML-RPC (HTTP 200, faults included), or a Kubernetes ``Status``
-    for what is refused before the call (400, 401, 403); a 404 is the router's answer
-    for a path that is not a call (a namespace with a ``/`` in it)."""
+    for what is refused before the call (400, 401, 403) or by the write budget (429); a
+    404 is the router's answer for a path that is not a call (a namespace with a ``/``
+    in it)."""
     if reply.error is not None or reply.status == 200:
         return classify_xmlrpc(reply)
     if reply.status == 404:

@@ -5,6 +5,8 @@ tenants and reads unaffected)."""
 from __future__ import annotations
 
 import argparse
+import json
+import xmlrpc.client
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +17,7 @@ from opkeeper import GROUP, VERSION, errors
 from opkeeper.gateway import cli as gateway_cli
 from opkeeper.gateway import ratelimit, service
 from opkeeper.gateway.dialects import bdom
+from tests import hostile_aggregated
 from tests.gateway_support import (
     RunningGateway,
     fault_of,
@@ -23,6 +26,7 @@ from tests.gateway_support import (
     other_namespace,
 )
 from tests.helpers import Ops
+from tests.hostile import Tenant
 
 SMALL = ratelimit.Settings(writes_per_second=2.0, burst=3)
 
@@ -91,12 +95,17 @@ def gw(
     cluster: Any, api: kubernetes.client.ApiClient, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningGateway]:
     budget = ratelimit.Settings(writes_per_second=0.01, burst=2)
+    front_proxy = hostile_aggregated.front_proxy(
+        cluster.kubeconfig, tmp_path_factory.mktemp("aggregated")
+    )
     with module_gateway(
         cluster=cluster,
         api=api,
         tmp_path_factory=tmp_path_factory,
+        aggregated=None if front_proxy is None else front_proxy.settings,
         service=service.Settings(writes=budget),
     ) as running:
+        hostile_aggregated.attach(running, front_proxy, api)
         yield running
 
 
@@ -121,6 +130,33 @@ def test_a_tenant_over_its_budget_is_told_to_retry_and_nothing_is_written(
     other = other_namespace(api)
     other_session = proxy.login(make_key(api, gw, other))
     assert proxy.operation_create(other_session, "domain_create", {})
+
+
+@pytest.mark.cluster
+def test_the_aggregated_api_answers_a_kubernetes_429_with_retry_after(
+    api: kubernetes.client.ApiClient, gw: RunningGateway
+) -> None:
+    """Through kube-apiserver, a 429 Status with Retry-After is what client-go waits out
+    and retries by itself (an XML-RPC fault in a 200 it would hand to the caller)."""
+    namespace = other_namespace(api)
+    client = hostile_aggregated.AggregatedAdapter(gw).client(
+        Tenant(namespace=namespace, key="", marker="", ids={}, tasks=())
+    )
+    create = xmlrpc.client.dumps(("", "domain_create", {"n": 1}), "operation_create").encode()
+    assert client.post(create).status == 200
+    assert client.post(create).status == 200
+    refused = client.post(create)
+    assert refused.status == 429
+    status = json.loads(refused.body)
+    assert (status["kind"], status["code"], status["reason"]) == ("Status", 429, "TooManyRequests")
+    assert f"namespace {namespace} is writing faster than" in status["message"]
+    assert int(refused.headers["retry-after"]) == status["details"]["retryAfterSeconds"] >= 1
+    listed = Ops(api, namespace).custom.list_namespaced_custom_object(
+        GROUP, VERSION, namespace, "operations"
+    )
+    assert len(listed["items"]) == 2, "the refused create wrote nothing"
+    details = xmlrpc.client.dumps(("", 1), "operation_details").encode()
+    assert client.post(details).status == 200, "reads are not charged"
 
 
 def test_bdom_answers_429_with_retry_after_in_whole_seconds() -> None:

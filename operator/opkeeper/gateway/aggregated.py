@@ -38,6 +38,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -293,9 +294,13 @@ def openapi_v3_root() -> dict[str, Any]:
     }
 
 
-def status(code: int, reason: str, message: str) -> web.Response:
-    """A Kubernetes ``Status`` answer (what kubectl and client libraries parse)."""
-    body = {
+def status(
+    code: int, reason: str, message: str, *, retry_after: float | None = None
+) -> web.Response:
+    """A Kubernetes ``Status`` answer (what kubectl and client libraries parse); with
+    ``retry_after``, the seconds (whole, at least 1) in ``details.retryAfterSeconds`` and
+    the ``Retry-After`` header, as kube-apiserver sends with a 429."""
+    body: dict[str, Any] = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -304,7 +309,14 @@ def status(code: int, reason: str, message: str) -> web.Response:
         "reason": reason,
         "code": code,
     }
-    return web.Response(status=code, body=_json(body), content_type="application/json")
+    headers: dict[str, str] = {}
+    if retry_after is not None:
+        seconds = max(1, math.ceil(retry_after))
+        body["details"] = {"retryAfterSeconds": seconds}
+        headers["Retry-After"] = str(seconds)
+    return web.Response(
+        status=code, body=_json(body), content_type="application/json", headers=headers
+    )
 
 
 # --- the methods served here -----------------------------------------------------------
@@ -590,6 +602,10 @@ class API:
         except errors.Unavailable as exc:
             log.warning("authorization unavailable: %s", exc)
             return status(503, "ServiceUnavailable", str(exc)), body, None
+        if outcome.retry_after is not None:
+            message = outcome.fault.message if outcome.fault is not None else "over the budget"
+            refused = status(429, "TooManyRequests", message, retry_after=outcome.retry_after)
+            return refused, body, outcome
         return web.Response(body=outcome.body, content_type=XML, charset="utf-8"), body, outcome
 
 

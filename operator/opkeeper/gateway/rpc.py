@@ -57,6 +57,10 @@ class Outcome:
     method: str
     """The method name, or ``unknown`` (metrics labels must stay bounded)."""
     fault: faults.Fault | None = None
+    retry_after: float | None = None
+    """Set when the tenant's write budget refused the call (nothing was written): seconds
+    until a retry will do, for a transport with its own way to say so (the aggregated
+    API answers a Kubernetes 429 with ``Retry-After``, which client-go waits out)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -140,7 +144,11 @@ class Dispatcher:
             fault, encoded = method.faults.encode(exc)
             await self._log(call.method, method, state, fault=fault)
             return Outcome(
-                body=encoded, dialect=method.dialect.value, method=call.method, fault=fault
+                body=encoded,
+                dialect=method.dialect.value,
+                method=call.method,
+                fault=fault,
+                retry_after=exc.retry_after if isinstance(exc, errors.RateLimited) else None,
             )
         await self._log(call.method, method, state, fault=None)
         return Outcome(body=encoded, dialect=method.dialect.value, method=call.method)
