@@ -13,7 +13,7 @@ import kopf
 import pytest
 
 from opkeeper import kube, models, states
-from opkeeper.controller import STORAGE_PREFIX, DiffBaseStorage
+from opkeeper.controller import STORAGE_PREFIX, DiffBaseStorage, metrics
 from opkeeper.controller.events import EventPoster
 from opkeeper.controller.operations import merge_diff
 from opkeeper.controller.workqueue import WorkQueue
@@ -230,3 +230,25 @@ def test_a_late_job_answer_does_not_hide_its_completion(late: str) -> None:
     outcome = asyncio.run(executor.poll(ctx))
     assert isinstance(outcome, base.Finished)
     assert outcome.event is states.Event.SUCCEED
+
+
+def test_the_collector_exports_writes_and_retries() -> None:
+    collector = metrics.StateCollector(
+        states=lambda: {"Running": 2},
+        oldest=lambda: {"Running": 3.0},
+        writes=lambda: {("PATCH", "operations/status"): 5},
+        retries=lambda: {"503": 2, "timeout": 1},
+    )
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in collector.collect()
+        for s in family.samples
+    }
+    assert (
+        samples[
+            ("opkeeper_api_writes_total", (("resource", "operations/status"), ("verb", "PATCH")))
+        ]
+        == 5
+    )
+    assert samples[("opkeeper_api_retries_total", (("cause", "503"),))] == 2
+    assert samples[("opkeeper_api_retries_total", (("cause", "timeout"),))] == 1

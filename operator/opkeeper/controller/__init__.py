@@ -310,7 +310,9 @@ async def run(
     def writes() -> collections.Counter[tuple[str, str]]:
         return client.writes + (elector.elector.writes if elector else collections.Counter())
 
-    collector = metrics.StateCollector(states=acting.counts, oldest=acting.oldest, writes=writes)
+    collector = metrics.StateCollector(
+        states=acting.counts, oldest=acting.oldest, writes=writes, retries=lambda: client.retries
+    )
     metrics.serve(port=settings.metrics_port, collector=collector)
     # Started before kopf: kopf cancels, on exit, the tasks created after it started.
     if settings.standalone:

@@ -39,8 +39,8 @@ RECONCILES = prometheus_client.Counter(
 
 
 class StateCollector(Collector):
-    """``opkeeper_operations{state}``, ``opkeeper_operation_oldest_seconds{state}`` and
-    ``opkeeper_api_writes_total`` at scrape time."""
+    """``opkeeper_operations{state}``, ``opkeeper_operation_oldest_seconds{state}``,
+    ``opkeeper_api_writes_total`` and ``opkeeper_api_retries_total`` at scrape time."""
 
     def __init__(
         self,
@@ -48,10 +48,12 @@ class StateCollector(Collector):
         states: Callable[[], Mapping[str, int]],
         oldest: Callable[[], Mapping[str, float]],
         writes: Callable[[], Mapping[tuple[str, str], int]],
+        retries: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self._states = states
         self._oldest = oldest
         self._writes = writes
+        self._retries = retries
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         gauge = GaugeMetricFamily(
@@ -78,6 +80,15 @@ class StateCollector(Collector):
         for (verb, resource), count in sorted(self._writes().items()):
             counter.add_metric([verb, resource], count)
         yield counter
+        retried = CounterMetricFamily(
+            "opkeeper_api_retries",
+            "API server requests sent again, by cause: the HTTP status (429, 5xx, 401 after"
+            " renewing credentials) or the connection error.",
+            labels=["cause"],
+        )
+        for cause, count in sorted(self._retries().items()):
+            retried.add_metric([cause], count)
+        yield retried
 
 
 def serve(*, port: int, collector: StateCollector) -> None:
