@@ -204,6 +204,8 @@ class Replica(ControllerProcess):
             str(self._plan.retry_period),
             "--metrics-port",
             str(self.metrics_port),
+            "--metrics-address",
+            "127.0.0.1",
             "--log-level",
             "info",
         ]

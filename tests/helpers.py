@@ -113,7 +113,14 @@ def controller_in_thread(*, kubeconfig: str, namespace: str, **overrides: Any) -
     """Run the controller for ``namespace`` in a thread of this process until the block ends."""
     from opkeeper import controller
 
-    settings = controller.Settings(**{"namespaces": (namespace,), "standalone": True, **overrides})
+    settings = controller.Settings(
+        **{
+            "namespaces": (namespace,),
+            "standalone": True,
+            "metrics_address": "127.0.0.1",
+            **overrides,
+        }
+    )
     credentials = kube.Credentials.from_kubeconfig(kubeconfig)
     ready = threading.Event()
     loop = asyncio.new_event_loop()

@@ -25,6 +25,8 @@ def _setup_logging(*, level: str, fmt: str) -> None:
 
 
 def _controller_parser(parser: argparse.ArgumentParser) -> None:
+    from opkeeper.controller import settings  # no kopf import: it is only the dataclass
+
     parser.add_argument(
         "--kubeconfig",
         help="kubeconfig path (default: $KUBECONFIG, then"
@@ -42,6 +44,11 @@ def _controller_parser(parser: argparse.ArgumentParser) -> None:
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace")
     parser.add_argument(
         "--metrics-port", type=int, default=0, help="Prometheus /metrics port (default 0: off)"
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=settings.METRICS_ADDRESS,
+        help="address /metrics listens on (default %(default)s: every interface)",
     )
     parser.add_argument(
         "--standalone",
@@ -129,6 +136,7 @@ def _controller(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespaces),
         all_namespaces=args.all_namespaces,
         metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
         standalone=args.standalone,
         system_namespace=args.system_namespace,
         workers=args.workers,

@@ -320,7 +320,15 @@ def start_controller(
     port = settings.metrics_port
     return start(
         Component(name="controller", state_dir=state_dir),
-        [_opkeeper(), "controller", "--all-namespaces", "--metrics-port", str(port)],
+        [
+            _opkeeper(),
+            "controller",
+            "--all-namespaces",
+            "--metrics-port",
+            str(port),
+            "--metrics-address",
+            "127.0.0.1",
+        ],
         env=env,
         port=port,
         setting="OPKEEPER_METRICS_PORT",

@@ -313,7 +313,7 @@ async def run(
     collector = metrics.StateCollector(
         states=acting.counts, oldest=acting.oldest, writes=writes, retries=lambda: client.retries
     )
-    metrics.serve(port=settings.metrics_port, collector=collector)
+    metrics.serve(port=settings.metrics_port, address=settings.metrics_address, collector=collector)
     # Started before kopf: kopf cancels, on exit, the tasks created after it started.
     if settings.standalone:
         await acting.start()

@@ -91,12 +91,13 @@ class StateCollector(Collector):
         yield retried
 
 
-def serve(*, port: int, collector: StateCollector) -> None:
-    """Register ``collector`` and serve /metrics on ``port`` (0: do not serve)."""
+def serve(*, port: int, address: str, collector: StateCollector) -> None:
+    """Register ``collector`` and serve /metrics on ``address``:``port`` (port 0: do not
+    serve)."""
     prometheus_client.REGISTRY.register(collector)
     if port:
         # A thread of its own: kopf cancels the asyncio tasks it did not start on exit.
-        prometheus_client.start_http_server(port)
+        prometheus_client.start_http_server(port, addr=address)
 
 
 def unserve(collector: StateCollector) -> None:

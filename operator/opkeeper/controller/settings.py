@@ -14,6 +14,10 @@ LEASE_NAME = "opkeeper-controller"
 """The Lease the controller replicas compete for."""
 
 
+METRICS_ADDRESS = "0.0.0.0"
+"""The controller's default /metrics address: every interface (Prometheus scrapes the pod)."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """How the controller runs. The CLI fills it from flags; tests build it directly."""
@@ -56,6 +60,9 @@ class Settings:
     name) and a random suffix."""
     metrics_port: int = 0
     """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    metrics_address: str = METRICS_ADDRESS
+    """Address /metrics listens on (default every interface: Prometheus scrapes the pod's
+    IP); ``make dev`` and the tests use 127.0.0.1."""
     post_events: bool = True
     """Post a Kubernetes Event on each transition. Each Event is an API write: the
     benchmark reports them separately."""
