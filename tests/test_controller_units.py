@@ -13,7 +13,7 @@ import kopf
 import pytest
 
 from opkeeper import kube, models, states
-from opkeeper.controller import STORAGE_PREFIX, DiffBaseStorage, metrics
+from opkeeper.controller import STORAGE_PREFIX, DiffBaseStorage, metrics, operations
 from opkeeper.controller.events import EventPoster
 from opkeeper.controller.operations import merge_diff
 from opkeeper.controller.workqueue import WorkQueue
@@ -25,6 +25,32 @@ def test_merge_diff_is_an_rfc7386_patch() -> None:
     new = {"a": 1, "b": {"x": 1, "z": 3}, "c": [1, 2], "new": "n"}
     assert merge_diff(old, new) == {"b": {"y": None, "z": 3}, "c": [1, 2], "gone": None, "new": "n"}
     assert merge_diff(new, new) == {}
+
+
+def test_workqueue_runs_background_keys_when_nothing_else_waits() -> None:
+    async def scenario() -> list[str]:
+        seen: list[str] = []
+        done = asyncio.Event()
+
+        async def handler(key: str) -> None:
+            seen.append(key)
+            if key == "late":
+                queue.add("new")  # arrives while background keys still wait: goes first
+            if len(seen) == 5:
+                done.set()
+
+        queue = WorkQueue(handler, workers=1)
+        for key in ("old-1", "late", "old-2"):
+            queue.add(key, background=True)
+        queue.add("first")
+        queue.add("late")  # moved up: runs once, before the other background keys
+        queue.add("first", background=True)  # already in the foreground: stays there
+        queue.start()
+        await asyncio.wait_for(done.wait(), 5)
+        await queue.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == ["first", "late", "new", "old-1", "old-2"]
 
 
 def test_workqueue_serialises_a_key_and_reruns_it_after_a_change() -> None:
@@ -252,3 +278,18 @@ def test_the_collector_exports_writes_and_retries() -> None:
     )
     assert samples[("opkeeper_api_retries_total", (("cause", "503"),))] == 2
     assert samples[("opkeeper_api_retries_total", (("cause", "timeout"),))] == 1
+
+
+def test_a_listed_operation_waits_in_the_background_only_when_settled() -> None:
+    def body(state: str, *, observed: int, generation: int = 2) -> dict[str, Any]:
+        condition = {"type": "Succeeded", "status": "True", "observedGeneration": observed}
+        return {
+            "metadata": {"generation": generation},
+            "status": {"state": state, "conditions": [condition]},
+        }
+
+    assert operations._settled(body("Succeeded", observed=2))
+    assert operations._settled(body("Cancelled", observed=2))
+    assert not operations._settled(body("Succeeded", observed=1)), "relaunched after the end"
+    assert not operations._settled(body("Running", observed=2))
+    assert not operations._settled({"metadata": {}, "status": {}})

@@ -52,6 +52,22 @@ _DEPENDENCY_FAILED = frozenset(s.value for s in states.TERMINAL - {states.State.
 RELAUNCH_REFUSED = "RelaunchRefused"
 
 
+_TERMINAL = frozenset(s.value for s in states.TERMINAL)
+
+
+def _settled(body: kube.Body) -> bool:
+    """Finished, and nothing asked of it since: its Succeeded condition observed the
+    current generation (a relaunch after the end bumps it)."""
+    status = body.get("status") or {}
+    if status.get("state") not in _TERMINAL:
+        return False
+    generation = body["metadata"].get("generation")
+    return any(
+        c.get("type") == SUCCEEDED and c.get("observedGeneration") == generation
+        for c in status.get("conditions") or []
+    )
+
+
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -200,7 +216,8 @@ class Reconciler:
         if event_type == "DELETED":
             self._drop(uid, key)
         elif self._remember(body):
-            self.queue.add(uid)
+            # Listed (a start, a new term): the finished wait until the rest is done.
+            self.queue.add(uid, background=event_type is None and _settled(body))
         else:
             logger.debug(
                 "%s/%s: dropped %s event at resourceVersion %s, not newer than the one held",
