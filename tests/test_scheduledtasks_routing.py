@@ -63,8 +63,8 @@ def drain(r: Reconciler) -> int:
     """How many keys are queued (and empty the queue)."""
     count = len(r.queue)
     r.queue._queued.clear()
-    while not r.queue._queue.empty():
-        r.queue._queue.get_nowait()
+    r.queue._ready.clear()
+    r.queue._later.clear()
     return count
 
 
