@@ -48,7 +48,7 @@ class StateCollector(Collector):
         states: Callable[[], Mapping[str, int]],
         oldest: Callable[[], Mapping[str, float]],
         writes: Callable[[], Mapping[tuple[str, str], int]],
-        retries: Callable[[], Mapping[str, int]] = dict,
+        retries: Callable[[], Mapping[str, int]],
     ) -> None:
         self._states = states
         self._oldest = oldest

@@ -602,10 +602,9 @@ class API:
         except errors.Unavailable as exc:
             log.warning("authorization unavailable: %s", exc)
             return status(503, "ServiceUnavailable", str(exc)), body, None
-        if outcome.retry_after is not None:
-            message = outcome.fault.message if outcome.fault is not None else "over the budget"
-            refused = status(429, "TooManyRequests", message, retry_after=outcome.retry_after)
-            return refused, body, outcome
+        if outcome.retry_after is not None and outcome.fault is not None:
+            message, wait = outcome.fault.message, outcome.retry_after
+            return status(429, "TooManyRequests", message, retry_after=wait), body, outcome
         return web.Response(body=outcome.body, content_type=XML, charset="utf-8"), body, outcome
 
 
